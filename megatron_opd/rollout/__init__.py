@@ -1,0 +1,1 @@
+"""Rollout engines: SGLang client and in-process sampler behind one interface."""

@@ -1,0 +1,1 @@
+"""Teacher engines: SGLang scorer and in-process forward behind one interface."""
