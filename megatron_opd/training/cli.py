@@ -1,0 +1,155 @@
+"""Megatron-style command line for ``megatron-opd train``: flags fill one ``OPDConfig``.
+
+The flag table is the single source of truth (the frozen-flags test reads it); every flag maps to
+one field of one config section. Validation happens when the config is built, before any process
+group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from megatron_opd.training.config import ConfigError, OPDConfig
+
+# flag -> (section, field, type for Optional fields or None, help)
+FLAGS: dict[str, tuple[str, str, type | None, str]] = {
+    # parallelism
+    "--tensor-model-parallel-size": ("parallel", "tensor_model_parallel_size", None, "TP degree"),
+    "--pipeline-model-parallel-size": ("parallel", "pipeline_model_parallel_size", None, "PP degree"),
+    "--virtual-pipeline-model-parallel-size": ("parallel", "virtual_pipeline_model_parallel_size", int,
+                                               "virtual pipeline stages per PP rank"),
+    "--context-parallel-size": ("parallel", "context_parallel_size", None, "CP degree (needs Transformer Engine)"),
+    "--sequence-parallel": ("parallel", "sequence_parallel", None, "sequence parallelism (needs TP > 1)"),
+    # model
+    "--student-hf": ("model", "student_hf", str, "HF dir of the student (config + tokenizer [+ weights])"),
+    "--teacher-hf": ("model", "teacher_hf", str, "HF dir of the teacher for --teacher-url local"),
+    "--bf16": ("model", "bf16", None, "train in bf16"),
+    # optimisation
+    "--lr": ("optim", "lr", None, "peak learning rate"),
+    "--min-lr": ("optim", "min_lr", None, "final learning rate of the decay"),
+    "--lr-warmup-iters": ("optim", "lr_warmup_iters", None, "linear warm-up steps"),
+    "--lr-decay-style": ("optim", "lr_decay_style", None, "constant | linear | cosine"),
+    "--weight-decay": ("optim", "weight_decay", None, "AdamW weight decay"),
+    "--clip-grad": ("optim", "clip_grad", None, "global gradient-norm clip (0: off)"),
+    "--adam-beta1": ("optim", "adam_beta1", None, "Adam beta1"),
+    "--adam-beta2": ("optim", "adam_beta2", None, "Adam beta2"),
+    "--train-iters": ("optim", "train_iters", None, "optimizer steps of the run"),
+    "--micro-batch-size": ("optim", "micro_batch_size", None, "sequences per forward on one DP rank"),
+    "--seed": ("optim", "seed", None, "random seed (model init, sampling, shuffling)"),
+    # checkpoints
+    "--save": ("checkpoint", "save", str, "checkpoint directory"),
+    "--save-interval": ("checkpoint", "save_interval", None, "save every N steps (0: at the end)"),
+    "--keep-last": ("checkpoint", "keep_last", None, "keep the newest N checkpoints"),
+    "--load": ("checkpoint", "load", str, "resume from a --save dir, or start from a Megatron checkpoint"),
+    "--save-hf": ("checkpoint", "save_hf", str, "export the final student as HF safetensors here"),
+    # objective
+    "--objective": ("objective", "objective", None, "sampled | lsm | sft"),
+    "--topk": ("objective", "topk", None, "teacher top-K support size for lsm"),
+    "--lsm-tail": ("objective", "lsm_tail", None, "lsm: add the sampled token to the support when outside it"),
+    "--ppo-clip": ("objective", "ppo_clip", float, "sampled: PPO clip epsilon of the ratio"),
+    "--epochs-per-rollout": ("objective", "epochs_per_rollout", None, "passes over each rollout batch"),
+    "--minibatches-per-rollout": ("objective", "minibatches_per_rollout", None, "optimizer steps per pass"),
+    "--logprob-source": ("objective", "logprob_source", None, "recompute | engine (behaviour log-probs)"),
+    "--special-token-mask": ("objective", "special_token_mask", None, "auto | none | comma-separated ids"),
+    # drift gate
+    "--gate": ("gate", "granularity", None, "none | token | block | span | sequence"),
+    "--gate-block-size": ("gate", "block_size", None, "tokens per block for --gate block"),
+    "--gate-tau": ("gate", "tau", None, "gate temperature: g = exp(-tau * |D|)"),
+    "--gate-aggregation": ("gate", "aggregation", None, "mean | mean_abs | k3"),
+    "--gate-fn": ("gate", "gate_fn", None, "exp | clip"),
+    "--gate-clip-eps": ("gate", "clip_eps", None, "threshold of --gate-fn clip"),
+    "--gate-normalization": ("gate", "normalization", None, "mean | none | clipped | residual"),
+    "--gate-residual-alpha": ("gate", "residual_alpha", None, "alpha of --gate-normalization residual"),
+    # engines
+    "--rollout-url": ("engines", "rollout_url", None, "SGLang URL(s), comma separated, or local"),
+    "--teacher-url": ("engines", "teacher_url", None, "SGLang URL(s), comma separated, or local"),
+    "--prompts-per-rollout": ("engines", "prompts_per_rollout", None, "prompts in one rollout batch"),
+    "--samples-per-prompt": ("engines", "samples_per_prompt", None, "samples per prompt"),
+    "--temperature": ("engines", "temperature", None, "rollout temperature"),
+    "--top-p": ("engines", "top_p", None, "rollout nucleus top-p"),
+    "--top-k": ("engines", "top_k", None, "rollout top-k (-1: off)"),
+    "--max-new-tokens": ("engines", "max_new_tokens", None, "response length limit"),
+    # data
+    "--data-path": ("data", "data_path", str, "JSONL/Parquet file, hub dataset name, or toy"),
+    "--prompt-field": ("data", "prompt_field", None, "field holding the problem"),
+    "--answer-field": ("data", "answer_field", None, "field holding the final answer"),
+    "--solution-field": ("data", "solution_field", None, "field holding a reference solution (sft)"),
+    "--max-prompt-length": ("data", "max_prompt_length", None, "drop longer prompts (counted)"),
+    "--chat-template": ("data", "chat_template", None, "render prompts with the student's chat template"),
+    "--enable-thinking": ("data", "enable_thinking", None, "chat template thinking mode"),
+    "--instruction": ("data", "instruction", None, "text appended to every problem"),
+    # run
+    "--run-dir": ("log", "run_dir", None, "metrics, config and plots go here"),
+    "--log-interval": ("log", "log_interval", None, "steps between summary lines"),
+    "--eval-interval": ("log", "eval_interval", None, "steps between evaluations (0: off)"),
+    "--eval-benchmarks": ("log", "eval_benchmarks", None, "comma-separated benchmarks for periodic eval"),
+    "--eval-n": ("log", "eval_n", None, "samples per problem in periodic eval"),
+    "--tensorboard": ("log", "tensorboard", None, "also log to TensorBoard (if installed)"),
+    "--wandb-project": ("log", "wandb_project", str, "also log to W&B (if installed)"),
+    "--max-bad-steps": ("log", "max_bad_steps", None, "abort after this many non-finite losses in a row"),
+    "--progress": ("log", "progress", None, "show a progress bar"),
+}
+
+
+def _section_defaults() -> dict[str, object]:
+    """Default instance of every section, to read field types and defaults from."""
+    return {f.name: f.default_factory() for f in dataclasses.fields(OPDConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-opd train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = _section_defaults()
+    for flag, (section, name, opt_type, help_text) in FLAGS.items():
+        default = getattr(defaults[section], name)
+        dest = f"{section}.{name}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, dest=dest, default=",".join(default), help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=opt_type or type(default), default=default, help=help_text)
+    parser.add_argument("--config", dest="config_file", default=None,
+                        help="JSON file of an OPDConfig (flags given on the command line override it)")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> OPDConfig:
+    """Flags (over an optional --config JSON) -> validated OPDConfig. Raises ConfigError."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    raw: dict[str, dict] = {}
+    if args.config_file:
+        raw = json.loads(Path(args.config_file).read_text())
+    given = _flags_given(parser, argv)
+    for dest, value in vars(args).items():
+        if dest == "config_file":
+            continue
+        section, name = dest.split(".")
+        if args.config_file and dest not in given:
+            continue  # keep the config file's value unless the flag was typed
+        if isinstance(getattr(_section_defaults()[section], name), tuple):
+            value = tuple(v for v in value.split(",") if v) if isinstance(value, str) else tuple(value)
+        raw.setdefault(section, {})[name] = value
+    raw.setdefault("parallel", {})["seed"] = raw.get("optim", {}).get("seed", 1234)
+    try:
+        return OPDConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from err
+
+
+def _flags_given(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    import sys
+
+    tokens = sys.argv[1:] if argv is None else argv
+    given = set()
+    for action in parser._actions:  # argparse has no public "was this flag typed" API
+        if any(tok == opt or tok.startswith(opt + "=") for tok in tokens for opt in action.option_strings):
+            given.add(action.dest)
+    return given
