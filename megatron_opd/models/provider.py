@@ -1,0 +1,116 @@
+"""Qwen3 model provider: HF config + ``ParallelConfig`` → Megatron ``GPTModel`` chunks.
+
+Uses the Transformer Engine layer spec when TE imports (GPU images), Megatron's local spec otherwise.
+The vocab is padded (``megatron_config.padded_vocab_size``); each chunk records ``real_vocab_size`` and
+``padded_vocab_size`` so callers can exclude the padded logit columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_opd.models.megatron_config import head_dim, padded_vocab_size, rope_theta, to_transformer_config
+from megatron_opd.platform import ParallelConfig
+
+
+def transformer_engine_available() -> bool:
+    """True when Transformer Engine imports and CUDA is present (TE kernels need a GPU)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm usable under sequence parallelism.
+
+    Megatron's ``WrappedTorchNorm`` refuses ``sequence_parallel``; the norm itself is per token, so it is
+    exact on a sequence shard. Its weight is tagged ``sequence_parallel`` so ``finalize_model_grads``
+    sums the weight's grads over the TP ranks (each rank saw a different slice of the sequence).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _local_layer_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec.submodules.input_layernorm = TorchRMSNorm
+    spec.submodules.pre_mlp_layernorm = TorchRMSNorm
+    # q/k norms act on head_dim after the (sequence-gathering) qkv projection: never SP-sharded.
+    spec.submodules.self_attention.submodules.q_layernorm = TorchRMSNorm
+    spec.submodules.self_attention.submodules.k_layernorm = TorchRMSNorm
+    return spec
+
+
+def build_layer_spec(use_te: bool | None = None):
+    """The transformer-layer ``ModuleSpec``: TE when available (or forced with ``use_te``), else local."""
+    use_te = transformer_engine_available() if use_te is None else use_te
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return _local_layer_spec()
+
+
+def _stage_flags(vp_stage: int | None) -> tuple[bool, bool]:
+    from megatron.core import parallel_state as mpu
+
+    return (mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+
+
+def _block_spec(config, layer_spec, use_te: bool, vp_stage: int | None):
+    """Block spec for this chunk's layers; the local final norm is the SP-aware torch RMSNorm."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if use_te:
+        return layer_spec  # TE: Megatron picks TENorm for the final norm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=TorchRMSNorm)
+
+
+def build_qwen3_model(hf_config, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
+                      use_te: bool | None = None) -> list:
+    """Build this rank's Qwen3 ``GPTModel`` chunks (one per virtual pipeline stage).
+
+    Needs ``platform.initialize_distributed(parallel)`` first. Weights are randomly initialised; load
+    HF weights with ``load_hf_weights`` or a checkpoint with ``load_checkpoint``.
+
+    Returns:
+        list of GPTModel, length VPP (1 without interleaving); each has ``real_vocab_size``,
+        ``padded_vocab_size`` and ``hf_config`` attributes.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    config = to_transformer_config(hf_config, parallel, dtype)
+    use_te = transformer_engine_available() if use_te is None else use_te
+    spec = build_layer_spec(use_te)
+    vocab = padded_vocab_size(hf_config.vocab_size, parallel.tensor_model_parallel_size)
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        pre, post = _stage_flags(vp_stage if vpp else None)
+        model = GPTModel(
+            config=config, transformer_layer_spec=_block_spec(config, spec, use_te, vp_stage if vpp else None),
+            vocab_size=vocab,
+            max_sequence_length=hf_config.max_position_embeddings, pre_process=pre, post_process=post,
+            parallel_output=True, share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+            position_embedding_type="rope", rotary_base=rope_theta(hf_config), vp_stage=vp_stage if vpp else None)
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        model.real_vocab_size = hf_config.vocab_size
+        model.padded_vocab_size = vocab
+        model.hf_config = hf_config
+        chunks.append(model)
+    assert head_dim(hf_config) == config.kv_channels
+    return chunks

@@ -1,0 +1,171 @@
+"""Full (unsharded) HF Qwen3 ⇄ Megatron state-dict mapping, and the TP split rules of each tensor.
+
+Megatron names here are the *canonical* ones: local-spec layout with global layer numbers
+(``decoder.layers.{global}.…``). ``canonical_name`` maps the TE-spec layout (norms fused into
+``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``) onto it.
+
+Layouts (DESIGN.md §5):
+  linear_qkv.weight  [(nq + 2·nkv)·d, H]: per query group g, [q heads of g; k_g; v_g]
+  linear_fc1.weight  [2·I, H]: [gate; up]; TP rank r holds [gate_r; up_r]
+  word_embeddings / output_layer [V_pad, H]: rows ≥ vocab_size are zero padding
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_opd.models.megatron_config import head_dim
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# Per-layer tensors copied 1:1 (HF suffix -> Megatron suffix).
+_DIRECT_LAYER_KEYS = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attn.q_norm.weight": "self_attention.q_layernorm.weight",
+    "self_attn.k_norm.weight": "self_attention.k_layernorm.weight",
+    "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+    "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
+    "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+}
+_QKV_PARTS = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+_FC1_PARTS = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+# TE spec fuses the pre-norms into the following linear layer.
+_TE_ALIASES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+_TP_DIM0 = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight")
+_TP_DIM1 = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def canonical_name(local_name: str, layer_offset: int = 0) -> str:
+    """Megatron parameter name of one chunk → canonical full-model name (global layer, local-spec keys)."""
+    match = _LAYER_RE.match(local_name)
+    if not match:
+        return local_name
+    suffix = _TE_ALIASES.get(match.group(2), match.group(2))
+    return f"decoder.layers.{int(match.group(1)) + layer_offset}.{suffix}"
+
+
+def tp_partition_dim(name: str) -> int | None:
+    """Dim along which Megatron splits this tensor over TP ranks (None: replicated)."""
+    if name.endswith(_TP_DIM0):
+        return 0
+    if name.endswith(_TP_DIM1):
+        return 1
+    return None
+
+
+def is_gated_fc1(name: str) -> bool:
+    """linear_fc1 holds [gate; up]; each half is split over TP separately."""
+    return name.endswith("linear_fc1.weight")
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hf_config) -> torch.Tensor:
+    """HF q [nq·d, H], k/v [nkv·d, H] → Megatron linear_qkv [(nq+2·nkv)·d, H], grouped per query group."""
+    d, nkv = head_dim(hf_config), hf_config.num_key_value_heads
+    per_group = hf_config.num_attention_heads // nkv
+    hidden = q.shape[-1]
+    grouped = torch.cat([q.reshape(nkv, per_group * d, hidden), k.reshape(nkv, d, hidden),
+                         v.reshape(nkv, d, hidden)], dim=1)  # (nkv, (per_group + 2)·d, H)
+    return grouped.reshape(-1, hidden)
+
+
+def split_qkv(qkv: torch.Tensor, hf_config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of ``merge_qkv``."""
+    d, nkv = head_dim(hf_config), hf_config.num_key_value_heads
+    per_group = hf_config.num_attention_heads // nkv
+    hidden = qkv.shape[-1]
+    grouped = qkv.reshape(nkv, (per_group + 2) * d, hidden)
+    q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
+    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+def pad_vocab(weight: torch.Tensor, padded_vocab: int) -> torch.Tensor:
+    """[V, H] → [V_pad, H] with zero rows (padded logits are then exactly 0, and excluded by callers)."""
+    extra = padded_vocab - weight.shape[0]
+    if extra < 0:
+        raise ValueError(f"vocab of {weight.shape[0]} rows exceeds padded vocab {padded_vocab}")
+    return torch.cat([weight, weight.new_zeros(extra, weight.shape[1])]) if extra else weight
+
+
+def expected_hf_shapes(hf_config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a HF Qwen3 checkpoint must hold, with its shape."""
+    hidden, d, inter = hf_config.hidden_size, head_dim(hf_config), hf_config.intermediate_size
+    nq, nkv, vocab = hf_config.num_attention_heads, hf_config.num_key_value_heads, hf_config.vocab_size
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+             "self_attn.q_proj.weight": (nq * d, hidden), "self_attn.k_proj.weight": (nkv * d, hidden),
+             "self_attn.v_proj.weight": (nkv * d, hidden), "self_attn.o_proj.weight": (hidden, nq * d),
+             "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+             "mlp.gate_proj.weight": (inter, hidden), "mlp.up_proj.weight": (inter, hidden),
+             "mlp.down_proj.weight": (hidden, inter)}
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(hf_config.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{key}": shape for key, shape in layer.items()})
+    if not hf_config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def check_hf_state_dict(hf_state_dict: dict, hf_config, source: str = "HF state dict") -> None:
+    """Raise naming the tensor when one is missing, has the wrong shape, or is not a Qwen3 tensor."""
+    expected = expected_hf_shapes(hf_config)
+    missing = [name for name in expected if name not in hf_state_dict]
+    if missing:
+        raise KeyError(f"{source}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    for name, shape in expected.items():
+        got = tuple(hf_state_dict[name].shape)
+        if got != shape:
+            raise ValueError(f"{source}: tensor {name!r} has shape {list(got)}, expected {list(shape)} "
+                             "from the HF config")
+    allowed_extra = {"lm_head.weight"}  # tied checkpoints may still carry a copy of the embedding
+    unexpected = [n for n in hf_state_dict if n not in expected and n not in allowed_extra]
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} in all); "
+                         "is this a Qwen3 dense checkpoint matching the config?")
+
+
+def hf_to_megatron_state_dict(hf_state_dict: dict, hf_config, padded_vocab: int | None = None) -> dict:
+    """Full HF Qwen3 state dict → full canonical Megatron state dict (vocab padded to ``padded_vocab``)."""
+    check_hf_state_dict(hf_state_dict, hf_config)
+    padded_vocab = padded_vocab or hf_config.vocab_size
+    out = {"embedding.word_embeddings.weight": pad_vocab(hf_state_dict["model.embed_tokens.weight"], padded_vocab),
+           "decoder.final_layernorm.weight": hf_state_dict["model.norm.weight"]}
+    if not hf_config.tie_word_embeddings:
+        out["output_layer.weight"] = pad_vocab(hf_state_dict["lm_head.weight"], padded_vocab)
+    for i in range(hf_config.num_hidden_layers):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for hf_key, mg_key in _DIRECT_LAYER_KEYS.items():
+            out[mg + mg_key] = hf_state_dict[hf + hf_key]
+        out[mg + "self_attention.linear_qkv.weight"] = merge_qkv(
+            *(hf_state_dict[hf + part] for part in _QKV_PARTS), hf_config)
+        out[mg + "mlp.linear_fc1.weight"] = torch.cat([hf_state_dict[hf + part] for part in _FC1_PARTS])
+    return out
+
+
+def megatron_to_hf_state_dict(mg_state_dict: dict, hf_config) -> dict:
+    """Full canonical Megatron state dict → HF Qwen3 state dict (vocab padding removed; no lm_head if tied)."""
+    vocab = hf_config.vocab_size
+    _require(mg_state_dict, "embedding.word_embeddings.weight")
+    out = {"model.embed_tokens.weight": mg_state_dict["embedding.word_embeddings.weight"][:vocab],
+           "model.norm.weight": _require(mg_state_dict, "decoder.final_layernorm.weight")}
+    if not hf_config.tie_word_embeddings:
+        out["lm_head.weight"] = _require(mg_state_dict, "output_layer.weight")[:vocab]
+    for i in range(hf_config.num_hidden_layers):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        for hf_key, mg_key in _DIRECT_LAYER_KEYS.items():
+            out[hf + hf_key] = _require(mg_state_dict, mg + mg_key)
+        qkv = split_qkv(_require(mg_state_dict, mg + "self_attention.linear_qkv.weight"), hf_config)
+        out.update({hf + part: t for part, t in zip(_QKV_PARTS, qkv)})
+        gate, up = torch.chunk(_require(mg_state_dict, mg + "mlp.linear_fc1.weight"), 2, dim=0)
+        out[hf + _FC1_PARTS[0]], out[hf + _FC1_PARTS[1]] = gate, up
+    return out
+
+
+def _require(state_dict: dict, name: str) -> torch.Tensor:
+    if name not in state_dict:
+        raise KeyError(f"Megatron state dict: missing tensor {name!r}")
+    return state_dict[name]

@@ -1,0 +1,124 @@
+"""Patches that let Megatron-Core 0.16 run on a CPU-only PyTorch build (DESIGN.md §5).
+
+Megatron assumes CUDA in a few dozen places (``torch.cuda.current_device()`` as a device,
+CUDA RNG state in its RNG tracker, ``torch.cuda.synchronize`` / ``Event`` in timers and the
+pipeline schedule, ``device="cuda"`` literals). Each patch below replaces exactly one of these
+with its CPU meaning, and carries a one-line reason. ``apply_cpu_shim()`` does nothing when
+CUDA is available: on a GPU Megatron runs unpatched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+_DEVICE_MODE: TorchFunctionMode | None = None
+
+
+def _to_cpu_device(device):
+    """Map a CUDA device spec ("cuda", "cuda:0", torch.device("cuda"), int index) to "cpu"."""
+    if isinstance(device, torch.device):
+        return torch.device("cpu") if device.type == "cuda" else device
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu"  # a bare int device is a CUDA ordinal in torch's factory functions
+    return device
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites ``device=cuda`` kwargs and ``.cuda()`` / ``.to("cuda")`` calls to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]  # the tensor is already where it can live
+        if func is torch.Tensor.to and len(args) > 1 and not isinstance(args[1], torch.Tensor | torch.dtype):
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+class _CpuEvent:
+    """Stand-in for ``torch.cuda.Event``: CPU work is synchronous, so events are already done."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _patch(obj, name: str, value, reason: str) -> None:
+    """Replace ``obj.name`` with ``value`` and log the one-line ``reason``."""
+    setattr(obj, name, value)
+    logger.debug("cpu shim: %s.%s -> CPU (%s)", getattr(obj, "__name__", obj), name, reason)
+
+
+def _patch_torch_cuda() -> None:
+    _patch(torch.cuda, "current_device", lambda: "cpu",
+           "Megatron passes torch.cuda.current_device() as the device of new tensors")
+    _patch(torch.cuda, "synchronize", lambda device=None: None,
+           "timers and the pipeline schedule synchronise the GPU; CPU ops are synchronous")
+    _patch(torch.cuda, "Event", _CpuEvent, "timers record CUDA events")
+    _patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state(),
+           "the model-parallel RNG tracker saves CUDA RNG state; the CPU generator plays its role")
+    _patch(torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state),
+           "the RNG tracker restores CUDA RNG state")
+    _patch(torch.cuda, "manual_seed", lambda seed: torch.manual_seed(seed),
+           "the RNG tracker seeds a CUDA generator per parallel rank; seed the CPU one instead")
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    _patch(mpu_random, "_get_cuda_rng_state",
+           lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state(),
+           "Megatron's own CUDA RNG getter reads torch.cuda.default_generators")
+    _patch(mpu_random, "_set_cuda_rng_state",
+           lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state),
+           "Megatron's own CUDA RNG setter writes through torch._C CUDA calls")
+
+
+def apply_cpu_shim() -> bool:
+    """Apply every CPU patch once. Idempotent; a no-op when CUDA is available.
+
+    Returns:
+        True when the shim is (now or already) active, False on a CUDA machine.
+    """
+    global _APPLIED, _DEVICE_MODE
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    # ~30 places in Megatron hard-code device="cuda"; one process-wide mode maps them to the CPU
+    # (measured overhead ~2%).
+    _DEVICE_MODE = _CudaToCpuMode()
+    _DEVICE_MODE.__enter__()
+    _APPLIED = True
+    return True
+
+
+def cpu_shim_active() -> bool:
+    """True once ``apply_cpu_shim`` has patched this process."""
+    return _APPLIED
