@@ -1,6 +1,315 @@
 #!/usr/bin/env bash
-# Placeholder until the trainer lands: checks that the package imports and says so honestly.
+# megatron-opd: on-policy distillation with the Block64 drift gate (arXiv 2606.24084 defaults).
+#
+# Usage: [VAR=value ...] bash examples/run_block64.sh [--help] [extra trainer flags...]
+#
+# What it runs:
+#   * GPU cluster (a GPU is visible, or ROLLOUT_URLS / TEACHER_URLS are set, or MODE=train):
+#       torchrun ... -m megatron_opd.cli train <flags from the variables below> [extra flags]
+#     on every node (same command, its own NODE_RANK), against SGLang student rollout servers and
+#     teacher servers (start them with tools/sglang_servers.sh, or START_SERVERS=1 on one node).
+#   * No GPU and no SGLang endpoints (or MODE=demo): the embedded CPU demo,
+#       $PYTHON -m megatron_opd.cli demo [extra flags]      (e.g. --quick)
+#   * DRY_RUN=1: print the cluster plan (layout, SGLang endpoints, full torchrun command) and
+#     start nothing, whatever this machine has (plan a cluster run from a login node).
+# Extra arguments are appended to the trainer's flags (later flags win).
+#
+# Environment variables (default in brackets):
+#  launch / layout
+#   MODE [auto]            auto | train | demo (see above)
+#   DRY_RUN [0]            1: print what would run and exit
+#   PYTHON [.venv/bin/python if present, else python3]   interpreter for the trainer / demo
+#   TORCHRUN [torchrun beside $PYTHON, else on PATH, else $PYTHON -m torch.distributed.run]
+#   NNODES [1]             number of nodes
+#   NODE_RANK [0]          this node's rank, 0..NNODES-1
+#   MASTER_ADDR [127.0.0.1; required when NNODES>1]      rendezvous host (node 0)
+#   MASTER_PORT [29500]    rendezvous port
+#   GPUS_PER_NODE [GPUs listed by nvidia-smi, else 8]    trainer processes per node
+#   TRAIN_GPUS [unset]     CUDA_VISIBLE_DEVICES for the trainer (e.g. 0,1,2,3 when the other GPUs
+#                          serve SGLang); sets GPUS_PER_NODE to its length when that is unset
+#  parallelism (world size NNODES*GPUS_PER_NODE must be divisible by TP*PP*CP; DP is the rest)
+#   TP [1]                 --tensor-model-parallel-size
+#   PP [1]                 --pipeline-model-parallel-size
+#   VPP [unset]            --virtual-pipeline-model-parallel-size (needs PP>1)
+#   CP [1]                 --context-parallel-size
+#   SP [auto]              --sequence-parallel: auto = on when TP>1; 1 = on (needs TP>1); 0 = off
+#  models
+#   MODELS_DIR [/models]   where the model directories live (the Docker image mounts it there)
+#   STUDENT_HF [$MODELS_DIR/Qwen3-1.7B]       --student-hf (HF config + tokenizer of the student)
+#   STUDENT_MCORE [$STUDENT_HF-mcore]         --load: Megatron dist checkpoint of the student, made
+#                          once with tools/convert_hf_to_megatron.py (resharded on load for any TP/PP);
+#                          set it empty to pass no --load
+#   TEACHER_HF [$MODELS_DIR/Qwen3-8B]         teacher served by SGLang (used by START_SERVERS=1, and
+#                          passed as --teacher-hf when TEACHER_URLS=local)
+#   BF16 [1]               --bf16
+#  SGLang endpoints (comma-separated URLs, or "local" for an in-process engine)
+#   ROLLOUT_URLS [every student worker from tools/sglang_servers.sh on SGLANG_HOST]   --rollout-url
+#   TEACHER_URLS [teacher router, or its worker, from tools/sglang_servers.sh]        --teacher-url
+#   SGLANG_HOST [$MASTER_ADDR]   host of the servers when the URLs are not given
+#   START_SERVERS [0]      1: start the servers on this node first (tools/sglang_servers.sh up; its
+#                          STUDENT_GPUS / TEACHER_GPUS / *_TP / *_PORT variables apply) and stop them
+#                          on exit; single-node runs only
+#  data
+#   DATA_PATH [/data/math_train.jsonl]        --data-path (local JSONL/Parquet or a hub dataset name)
+#   PROMPT_FIELD [problem]  ANSWER_FIELD [answer]   --prompt-field / --answer-field
+#   MAX_PROMPT_LENGTH [1024]                  --max-prompt-length
+#   CHAT_TEMPLATE [1]      1: --chat-template, 0: --no-chat-template
+#   ENABLE_THINKING [0]    1: --enable-thinking
+#   SPECIAL_TOKEN_MASK [auto]                 --special-token-mask (ids or auto)
+#  OPD objective
+#   OBJECTIVE [sampled]    --objective sampled | lsm | sft
+#   TOPK [32]              --topk (teacher top-K for LSM; the paper's K=32)
+#   LSM_TAIL [0]           1: --lsm-tail (K+1 bucket with the sampled token)
+#   PPO_CLIP [unset]       --ppo-clip EPS
+#   EPOCHS_PER_ROLLOUT [2] --epochs-per-rollout (the gating paper reuses each rollout twice)
+#   MINIBATCHES_PER_ROLLOUT [unset]           --minibatches-per-rollout
+#   LOGPROB_SOURCE [recompute]                --logprob-source recompute | engine
+#  drift gate (Block64)
+#   GATE [block]           --gate none | token | block | span | sequence
+#   GATE_BLOCK_SIZE [64]   --gate-block-size
+#   GATE_TAU [unset: trainer default]         --gate-tau
+#   GATE_AGGREGATION [mean]                   --gate-aggregation mean | mean_abs | k3
+#   GATE_FN [exp]          --gate-fn exp | clip
+#   GATE_NORMALIZATION [mean]                 --gate-normalization mean | none | clipped | residual
+#  rollouts
+#   PROMPTS_PER_ROLLOUT [32]   --prompts-per-rollout
+#   SAMPLES_PER_PROMPT [8]     --samples-per-prompt
+#   TEMPERATURE [1.0]  TOP_P [0.9]  TOP_K [unset]   sampling (the paper: top-p 0.9 at temperature 1.0)
+#   MAX_NEW_TOKENS [8192]      --max-new-tokens
+#  optimisation
+#   TRAIN_ITERS [200]      --train-iters (the paper trains every variant for 200 steps)
+#   LR [1e-6]  MIN_LR [unset]  LR_WARMUP_ITERS [10]  LR_DECAY_STYLE [constant]
+#   WEIGHT_DECAY [0.0]  CLIP_GRAD [1.0]  ADAM_BETA1 [0.9]  ADAM_BETA2 [0.98]
+#   MICRO_BATCH_SIZE [1]   --micro-batch-size
+#   SEED [1234]            --seed
+#  saving, logging, eval
+#   RUN_DIR [runs/block64] --run-dir
+#   SAVE_DIR [$RUN_DIR/checkpoints]   --save      SAVE_INTERVAL [50]   KEEP_LAST [2]
+#   SAVE_HF [unset]        --save-hf DIR (HF export of the final student)
+#   LOG_INTERVAL [1]  EVAL_INTERVAL [50]  EVAL_BENCHMARKS [aime24,aime25,math500,amc23]
+#   TENSORBOARD [1]        --tensorboard      WANDB_PROJECT [unset]   --wandb-project
+#   EXTRA_ARGS [unset]     more trainer flags (word-split), before the command-line arguments
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-"$PY" -c "import megatron_opd; print('megatron_opd', megatron_opd.__version__, 'installed; the OPD trainer has not landed yet')"
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+die() { echo "run_block64.sh: error: $*" >&2; exit 1; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+# has_gpu: nvidia-smi lists a GPU, or torch sees CUDA (host-device query)
+has_gpu() {
+    if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L 2> /dev/null | grep -q '^GPU'; then
+        return 0
+    fi
+    "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2> /dev/null
+}
+
+count_gpus() {
+    if [ -n "${TRAIN_GPUS:-}" ]; then echo "$TRAIN_GPUS" | tr ',' '\n' | grep -c .; return; fi
+    if command -v nvidia-smi > /dev/null 2>&1 && nvidia-smi -L 2> /dev/null | grep -q '^GPU'; then
+        nvidia-smi -L | grep -c '^GPU'
+        return
+    fi
+    echo 8
+}
+
+set_defaults() {
+    if [ -z "${PYTHON:-}" ]; then
+        if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
+    fi
+    MODE=${MODE:-auto}; DRY_RUN=${DRY_RUN:-0}; START_SERVERS=${START_SERVERS:-0}
+    NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
+    MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; GPUS_PER_NODE=${GPUS_PER_NODE:-$(count_gpus)}
+    TP=${TP:-1}; PP=${PP:-1}; VPP=${VPP:-}; CP=${CP:-1}; SP=${SP:-auto}
+    MODELS_DIR=${MODELS_DIR:-/models}; STUDENT_HF=${STUDENT_HF:-$MODELS_DIR/Qwen3-1.7B}
+    STUDENT_MCORE=${STUDENT_MCORE-$STUDENT_HF-mcore}; TEACHER_HF=${TEACHER_HF:-$MODELS_DIR/Qwen3-8B}
+    BF16=${BF16:-1}; SGLANG_HOST=${SGLANG_HOST:-$MASTER_ADDR}
+    DATA_PATH=${DATA_PATH:-/data/math_train.jsonl}; PROMPT_FIELD=${PROMPT_FIELD:-problem}
+    ANSWER_FIELD=${ANSWER_FIELD:-answer}; MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1024}
+    CHAT_TEMPLATE=${CHAT_TEMPLATE:-1}; ENABLE_THINKING=${ENABLE_THINKING:-0}
+    SPECIAL_TOKEN_MASK=${SPECIAL_TOKEN_MASK:-auto}
+    OBJECTIVE=${OBJECTIVE:-sampled}; TOPK=${TOPK:-32}; LSM_TAIL=${LSM_TAIL:-0}; PPO_CLIP=${PPO_CLIP:-}
+    EPOCHS_PER_ROLLOUT=${EPOCHS_PER_ROLLOUT:-2}; MINIBATCHES_PER_ROLLOUT=${MINIBATCHES_PER_ROLLOUT:-}
+    LOGPROB_SOURCE=${LOGPROB_SOURCE:-recompute}
+    GATE=${GATE:-block}; GATE_BLOCK_SIZE=${GATE_BLOCK_SIZE:-64}; GATE_TAU=${GATE_TAU:-}
+    GATE_AGGREGATION=${GATE_AGGREGATION:-mean}; GATE_FN=${GATE_FN:-exp}
+    GATE_NORMALIZATION=${GATE_NORMALIZATION:-mean}
+    PROMPTS_PER_ROLLOUT=${PROMPTS_PER_ROLLOUT:-32}; SAMPLES_PER_PROMPT=${SAMPLES_PER_PROMPT:-8}
+    TEMPERATURE=${TEMPERATURE:-1.0}; TOP_P=${TOP_P:-0.9}; TOP_K=${TOP_K:-}
+    MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-8192}
+    TRAIN_ITERS=${TRAIN_ITERS:-200}; LR=${LR:-1e-6}; MIN_LR=${MIN_LR:-}; LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-10}
+    LR_DECAY_STYLE=${LR_DECAY_STYLE:-constant}; WEIGHT_DECAY=${WEIGHT_DECAY:-0.0}; CLIP_GRAD=${CLIP_GRAD:-1.0}
+    ADAM_BETA1=${ADAM_BETA1:-0.9}; ADAM_BETA2=${ADAM_BETA2:-0.98}
+    MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-1}; SEED=${SEED:-1234}
+    RUN_DIR=${RUN_DIR:-runs/block64}; SAVE_DIR=${SAVE_DIR:-$RUN_DIR/checkpoints}
+    SAVE_INTERVAL=${SAVE_INTERVAL:-50}; KEEP_LAST=${KEEP_LAST:-2}; SAVE_HF=${SAVE_HF:-}
+    LOG_INTERVAL=${LOG_INTERVAL:-1}; EVAL_INTERVAL=${EVAL_INTERVAL:-50}
+    EVAL_BENCHMARKS=${EVAL_BENCHMARKS:-aime24,aime25,math500,amc23}
+    TENSORBOARD=${TENSORBOARD:-1}; WANDB_PROJECT=${WANDB_PROJECT:-}; EXTRA_ARGS=${EXTRA_ARGS:-}
+}
+
+require_int() {  # require_int NAME MIN
+    local value=${!1}
+    if ! [[ "$value" =~ ^[0-9]+$ ]] || (( value < $2 )); then die "$1 must be an integer >= $2, got '$value'"; fi
+}
+
+validate_layout() {
+    local name world model_parallel
+    for name in NNODES GPUS_PER_NODE TP PP CP MASTER_PORT; do require_int "$name" 1; done
+    require_int NODE_RANK 0
+    (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
+    if (( NNODES > 1 )) && [[ "$MASTER_ADDR" =~ ^(127\.|localhost$) ]]; then
+        die "NNODES=$NNODES needs MASTER_ADDR set to node 0's address reachable from every node (got '$MASTER_ADDR')"
+    fi
+    world=$(( NNODES * GPUS_PER_NODE )); model_parallel=$(( TP * PP * CP ))
+    (( world % model_parallel == 0 )) || die "world size $world (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP*PP*CP = $TP*$PP*$CP = $model_parallel; change TP, PP or CP"
+    DP=$(( world / model_parallel ))
+    if [ -n "$VPP" ]; then
+        require_int VPP 1
+        (( PP > 1 )) || die "VPP=$VPP needs pipeline parallelism (PP>1), got PP=$PP"
+    fi
+    case "$SP" in
+        auto) if (( TP > 1 )); then SP=1; else SP=0; fi ;;
+        1) (( TP > 1 )) || die "SP=1 (sequence parallel) needs TP>1, got TP=$TP" ;;
+        0) ;;
+        *) die "SP must be auto, 0 or 1, got '$SP'" ;;
+    esac
+}
+
+# server_urls ROLE -> endpoints tools/sglang_servers.sh gives the trainer for ROLE on SGLANG_HOST
+server_urls() {
+    ADVERTISE_HOST="$SGLANG_HOST" bash "$REPO_ROOT/tools/sglang_servers.sh" urls "$1"
+}
+
+resolve_endpoints() {
+    ROLLOUT_URLS=${ROLLOUT_URLS:-$(server_urls student)}
+    TEACHER_URLS=${TEACHER_URLS:-$(server_urls teacher)}
+}
+
+# flag NAME VALUE: append "--NAME VALUE" to TRAIN_ARGS unless VALUE is empty
+flag() { if [ -n "$2" ]; then TRAIN_ARGS+=("--$1" "$2"); fi; }
+# switch NAME VALUE: append "--NAME" when VALUE is 1
+switch() { if [ "$2" = 1 ]; then TRAIN_ARGS+=("--$1"); fi; }
+
+build_train_args() {
+    TRAIN_ARGS=()
+    flag tensor-model-parallel-size "$TP"; flag pipeline-model-parallel-size "$PP"
+    flag virtual-pipeline-model-parallel-size "$VPP"; flag context-parallel-size "$CP"
+    switch sequence-parallel "$SP"
+    flag student-hf "$STUDENT_HF"; flag load "$STUDENT_MCORE"; switch bf16 "$BF16"
+    if [ "$TEACHER_URLS" = local ]; then flag teacher-hf "$TEACHER_HF"; fi
+    flag rollout-url "$ROLLOUT_URLS"; flag teacher-url "$TEACHER_URLS"
+    flag data-path "$DATA_PATH"; flag prompt-field "$PROMPT_FIELD"; flag answer-field "$ANSWER_FIELD"
+    flag max-prompt-length "$MAX_PROMPT_LENGTH"
+    if [ "$CHAT_TEMPLATE" = 1 ]; then TRAIN_ARGS+=(--chat-template); else TRAIN_ARGS+=(--no-chat-template); fi
+    switch enable-thinking "$ENABLE_THINKING"; flag special-token-mask "$SPECIAL_TOKEN_MASK"
+    flag objective "$OBJECTIVE"; flag topk "$TOPK"; switch lsm-tail "$LSM_TAIL"; flag ppo-clip "$PPO_CLIP"
+    flag epochs-per-rollout "$EPOCHS_PER_ROLLOUT"; flag minibatches-per-rollout "$MINIBATCHES_PER_ROLLOUT"
+    flag logprob-source "$LOGPROB_SOURCE"
+    flag gate "$GATE"; flag gate-block-size "$GATE_BLOCK_SIZE"; flag gate-tau "$GATE_TAU"
+    flag gate-aggregation "$GATE_AGGREGATION"; flag gate-fn "$GATE_FN"
+    flag gate-normalization "$GATE_NORMALIZATION"
+    flag prompts-per-rollout "$PROMPTS_PER_ROLLOUT"; flag samples-per-prompt "$SAMPLES_PER_PROMPT"
+    flag temperature "$TEMPERATURE"; flag top-p "$TOP_P"; flag top-k "$TOP_K"
+    flag max-new-tokens "$MAX_NEW_TOKENS"
+    flag train-iters "$TRAIN_ITERS"; flag lr "$LR"; flag min-lr "$MIN_LR"
+    flag lr-warmup-iters "$LR_WARMUP_ITERS"; flag lr-decay-style "$LR_DECAY_STYLE"
+    flag weight-decay "$WEIGHT_DECAY"; flag clip-grad "$CLIP_GRAD"
+    flag adam-beta1 "$ADAM_BETA1"; flag adam-beta2 "$ADAM_BETA2"
+    flag micro-batch-size "$MICRO_BATCH_SIZE"; flag seed "$SEED"
+    flag run-dir "$RUN_DIR"; flag save "$SAVE_DIR"; flag save-interval "$SAVE_INTERVAL"
+    flag keep-last "$KEEP_LAST"; flag save-hf "$SAVE_HF"
+    flag log-interval "$LOG_INTERVAL"; flag eval-interval "$EVAL_INTERVAL"
+    flag eval-benchmarks "$EVAL_BENCHMARKS"; switch tensorboard "$TENSORBOARD"
+    flag wandb-project "$WANDB_PROJECT"
+    local extra=()
+    read -r -a extra <<< "$EXTRA_ARGS"
+    TRAIN_ARGS+=("${extra[@]}")
+}
+
+build_command() {
+    local launcher=()
+    if [ -n "${TORCHRUN:-}" ]; then
+        read -r -a launcher <<< "$TORCHRUN"
+    elif [ -x "$(dirname "$PYTHON")/torchrun" ]; then
+        launcher=("$(dirname "$PYTHON")/torchrun")
+    elif command -v torchrun > /dev/null 2>&1; then
+        launcher=(torchrun)
+    else
+        launcher=("$PYTHON" -m torch.distributed.run)
+    fi
+    COMMAND=("${launcher[@]}" --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
+             --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
+             -m megatron_opd.cli train "${TRAIN_ARGS[@]}" "$@")
+}
+
+# print_words WORD...: one shell-ready line; quotes only words that need it (printf %q would escape commas)
+print_words() {
+    local word out=()
+    for word in "$@"; do
+        if [[ "$word" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$word"); else out+=("$(printf '%q' "$word")"); fi
+    done
+    echo "${out[*]}"
+}
+
+print_plan() {
+    echo "# megatron-opd Block64 run plan (DRY_RUN=1: nothing was started)"
+    echo "layout: NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE world=$(( NNODES * GPUS_PER_NODE ))" \
+         "TP=$TP PP=$PP VPP=${VPP:-none} CP=$CP SP=$SP -> DP=$DP; node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
+    echo "rollout (student) SGLang endpoints: $ROLLOUT_URLS"
+    echo "teacher SGLang endpoints: $TEACHER_URLS"
+    if [ "$START_SERVERS" = 1 ]; then
+        echo "servers this node would start first (tools/sglang_servers.sh up):"
+        STUDENT_MODEL=$STUDENT_HF TEACHER_MODEL=$TEACHER_HF ADVERTISE_HOST=$SGLANG_HOST DRY_RUN=1 \
+            bash "$REPO_ROOT/tools/sglang_servers.sh" up | sed 's/^/  /'
+    fi
+    echo "trainer command (run on every node with its own NODE_RANK):"
+    if [ -n "${TRAIN_GPUS:-}" ]; then printf 'CUDA_VISIBLE_DEVICES=%s ' "$TRAIN_GPUS"; fi
+    print_words "${COMMAND[@]}"
+}
+
+start_servers() {
+    (( NNODES == 1 )) || die "START_SERVERS=1 is for single-node runs; on clusters start tools/sglang_servers.sh on the server nodes"
+    export STUDENT_MODEL=$STUDENT_HF TEACHER_MODEL=$TEACHER_HF ADVERTISE_HOST=$SGLANG_HOST
+    trap 'bash "$REPO_ROOT/tools/sglang_servers.sh" down' EXIT
+    trap 'exit 130' INT TERM  # turn signals into an exit so the EXIT trap stops the servers
+    bash "$REPO_ROOT/tools/sglang_servers.sh" up
+}
+
+check_inputs() {
+    [ -d "$STUDENT_HF" ] || die "STUDENT_HF=$STUDENT_HF is not a directory (HF config + tokenizer of the student)"
+    if [ -n "$STUDENT_MCORE" ] && [ ! -e "$STUDENT_MCORE" ]; then
+        die "STUDENT_MCORE=$STUDENT_MCORE does not exist: convert the student once with tools/convert_hf_to_megatron.py (see its --help), or set STUDENT_MCORE= to pass no --load"
+    fi
+}
+
+run_train() {
+    cd "$REPO_ROOT"
+    "$PYTHON" -m megatron_opd.versions || true  # prints pins vs installed; the trainer warns again
+    if [ "$START_SERVERS" = 1 ]; then start_servers; fi
+    check_inputs
+    if [ -n "${TRAIN_GPUS:-}" ]; then export CUDA_VISIBLE_DEVICES=$TRAIN_GPUS; fi
+    "${COMMAND[@]}"
+}
+
+main() {
+    case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+    set_defaults
+    case "$MODE" in
+        auto|train|demo) ;;
+        *) die "MODE must be auto, train or demo, got '$MODE'" ;;
+    esac
+    if [ "$DRY_RUN" != 1 ] && { [ "$MODE" = demo ] || { [ "$MODE" = auto ] && [ -z "${ROLLOUT_URLS:-}" ] \
+            && [ -z "${TEACHER_URLS:-}" ] && ! has_gpu; }; }; then
+        echo "run_block64.sh: no GPU and no SGLang endpoints: running the embedded CPU demo" >&2
+        cd "$REPO_ROOT"
+        exec "$PYTHON" -m megatron_opd.cli demo "$@"
+    fi
+    validate_layout
+    resolve_endpoints
+    build_train_args
+    build_command "$@"
+    if [ "$DRY_RUN" = 1 ]; then print_plan; else run_train; fi
+}
+
+main "$@"
