@@ -1,0 +1,72 @@
+"""Chunked, vocab-parallel softmax statistics: the log-normaliser log Z and the entropy H.
+
+For one row of logits z split over TP shards r (DESIGN §3):
+    log Z = log Σ_j exp(z_j),   H = −Σ_j p_j log p_j = log S − A / S,
+with S = Σ_j exp(z_j − m), A = Σ_j exp(z_j − m)(z_j − m) and m the row max. Each rank computes
+(m_r, S_r, A_r) on its shard; one all-gather of these three numbers per row lets every rank
+combine them exactly (rescaling by exp(m_r − m)), so a chunk costs one collective, not three.
+Only a [chunk, V_local] fp32 temporary ever exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_opd.ops.shard import VocabShard, all_gather_stack, compute_dtype
+
+
+def local_softmax_stats(chunk: torch.Tensor, with_entropy: bool) -> torch.Tensor:
+    """(m_r, S_r, A_r) of one shard. chunk: [n, V_valid] any float dtype -> [n, 3] compute dtype."""
+    cdtype = compute_dtype(chunk.dtype)
+    n = chunk.shape[0]
+    if chunk.shape[1] == 0:  # a shard made only of vocab padding contributes nothing
+        stats = torch.zeros(n, 3, dtype=cdtype, device=chunk.device)
+        stats[:, 0] = float("-inf")
+        return stats
+    row_max = chunk.amax(dim=-1).to(cdtype)  # [n]
+    shifted = chunk.to(cdtype, copy=True).sub_(row_max[:, None])  # [n, V_valid], the one fp32 copy
+    if with_entropy:
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        # Σ exp·shifted as a batched dot product: no third [n, V] temporary.
+        weighted = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(n)
+    else:
+        sum_exp = shifted.exp_().sum(dim=-1)
+        weighted = torch.zeros_like(sum_exp)
+    return torch.stack([row_max, sum_exp, weighted], dim=-1)
+
+
+def combine_softmax_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-shard stats [TP, n, 3] into (log Z [n], H [n]) of the full row."""
+    shard_max, shard_sum, shard_weighted = stats.unbind(-1)  # each [TP, n]
+    row_max = shard_max.amax(dim=0)
+    has_mass = shard_sum > 0  # padding-only shards have max -inf: keep them out of exp/mul
+    scale = torch.where(has_mass, torch.exp(shard_max - row_max), 0.0)
+    shift = torch.where(has_mass, (shard_max - row_max) * shard_sum, 0.0)
+    total_sum = (scale * shard_sum).sum(dim=0)
+    total_weighted = (scale * (shard_weighted + shift)).sum(dim=0)
+    log_sum = total_sum.log()
+    return row_max + log_sum, log_sum - total_weighted / total_sum
+
+
+def chunk_log_normalizer(chunk: torch.Tensor, shard: VocabShard, with_entropy: bool):
+    """(log Z [n], H [n]) of the rows of ``chunk`` [n, V_valid] over the whole TP vocab."""
+    stats = local_softmax_stats(chunk, with_entropy)
+    return combine_softmax_stats(all_gather_stack(stats, shard))  # collective: TP all-gather of [n, 3]
+
+
+def softmax_grad_chunk(chunk, log_z, entropy, grad_logprob, grad_entropy) -> torch.Tensor:
+    """Gradient of the normaliser-dependent outputs w.r.t. the logits of one chunk.
+
+    chunk [n, V_valid]; log_z, entropy, grad_logprob, grad_entropy [n] (grads may be None).
+    d(z_y − log Z)/dz_j = 1[j=y] − p_j and dH/dz_j = −p_j (log p_j + H); this returns the
+    −p_j (g_lp + g_H (log p_j + H)) part, the 1[j=y] part is scattered by the caller.
+    """
+    log_p = chunk.to(compute_dtype(chunk.dtype), copy=True).sub_(log_z[:, None])  # [n, V_valid]
+    prob = log_p.exp()
+    if grad_entropy is None:
+        return prob.mul_(-grad_logprob[:, None])
+    coef = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None])
+    if grad_logprob is not None:
+        coef.add_(grad_logprob[:, None])
+    return coef.mul_(prob).neg_()
