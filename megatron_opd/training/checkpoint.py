@@ -1,0 +1,108 @@
+"""Checkpoint and resume of a whole run: model, optimizer, scheduler and RNG states (Megatron
+dist_checkpointing via ``models.save_checkpoint``) and the trainer's own state (step, batch index).
+
+Layout under ``--save``::
+
+    latest                 -> name of the newest complete checkpoint (replaced atomically)
+    iter_0000012/          model/ (dist checkpoint), trainer_state.json, COMPLETE
+    iter_0000016.tmp/      a save in progress (ignored by loaders; removed by the next save)
+
+A checkpoint directory only gets its final name after every rank has written its part and the
+``COMPLETE`` marker exists, so a crash mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the directory and what is missing."""
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()  # collective: every rank finished its part of the save/load
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def save_run_checkpoint(save_dir: str, step: int, student, trainer_state: dict, keep_last: int) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    from megatron_opd.models import save_checkpoint
+
+    root = Path(save_dir)
+    final = root / checkpoint_name(step)
+    tmp = root / (checkpoint_name(step) + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    save_checkpoint(str(tmp / "model"), student.unwrapped(), optimizer=student.optimizer,
+                    opt_param_scheduler=student.scheduler, extra_state=trainer_state)
+    if rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    _barrier()
+    if rank == 0:
+        _publish(root, tmp, final)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    marker = tmp / COMPLETE
+    with marker.open("w") as handle:
+        handle.write("ok\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    latest_tmp = root / (LATEST + ".tmp")
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / LATEST)  # atomic on POSIX
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / COMPLETE).exists())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resumable(load_dir: str) -> Path | None:
+    """The newest complete checkpoint under a --save directory, or None if it holds none."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise CheckpointError(f"--load {load_dir}: no such directory")
+    latest = root / LATEST
+    if latest.exists():
+        candidate = root / latest.read_text().strip()
+        if (candidate / COMPLETE).exists():
+            return candidate
+    complete = sorted(p for p in root.glob("iter_*") if p.is_dir() and (p / COMPLETE).exists())
+    return complete[-1] if complete else None
+
+
+def load_run_checkpoint(path: Path, student) -> dict:
+    """Collective. Restores model, optimizer, scheduler and RNG; returns the trainer state."""
+    from megatron_opd.models import load_checkpoint
+
+    state_file = path / "trainer_state.json"
+    if not state_file.exists():
+        raise CheckpointError(f"{path}: missing trainer_state.json (not a megatron-opd run checkpoint)")
+    load_checkpoint(str(path / "model"), student.unwrapped(), optimizer=student.optimizer,
+                    opt_param_scheduler=student.scheduler)
+    _barrier()
+    return json.loads(state_file.read_text())

@@ -1,0 +1,140 @@
+"""Build everything a run needs from an ``OPDConfig`` (called once, by ``loop.train``).
+
+The objective, engines and batch source are chosen here, so the loop itself has no
+``if objective == ...`` branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_opd.data.prompts import load_prompts
+from megatron_opd.platform import ParallelState
+from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.training.config import ConfigError, OPDConfig
+from megatron_opd.training.experience_maker import RolloutExperienceMaker, SFTExperienceMaker
+from megatron_opd.training.loss import LossSettings, MicrobatchLoss
+from megatron_opd.training.megatron_setup import Student, build_student
+
+
+@dataclass
+class Components:
+    student: Student
+    loss: MicrobatchLoss
+    maker: object  # RolloutExperienceMaker | SFTExperienceMaker
+    rollout_engine: object | None
+    tokenizer: object
+    data_counts: dict
+    pad_multiple: int
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 - re-raised naming the directory
+        raise ConfigError(f"--student-hf {path}: cannot load a tokenizer from it ({err})") from err
+
+
+def special_token_ids(tokenizer, spec: str) -> frozenset[int]:
+    """Ids dropped from the loss: 'none', 'auto' (control tokens except EOS) or comma-separated ids."""
+    if spec == "none":
+        return frozenset()
+    if spec != "auto":
+        try:
+            return frozenset(int(x) for x in spec.split(",") if x.strip())
+        except ValueError as err:
+            raise ConfigError(f"--special-token-mask must be auto, none or comma-separated ids, got {spec!r}") from err
+    from megatron_opd.objectives import default_special_token_ids
+
+    return frozenset(default_special_token_ids(tokenizer))
+
+
+def sampling_params(cfg: OPDConfig, tokenizer) -> SamplingParams:
+    eng = cfg.engines
+    suppress = {t for t in (tokenizer.pad_token_id, tokenizer.bos_token_id)
+                if t is not None and t != tokenizer.eos_token_id}
+    return SamplingParams(temperature=eng.temperature, top_p=eng.top_p, top_k=eng.top_k,
+                          max_new_tokens=eng.max_new_tokens, n=eng.samples_per_prompt,
+                          stop_token_ids=(tokenizer.eos_token_id,), suppress_token_ids=tuple(sorted(suppress)))
+
+
+def _hf_weights(cfg: OPDConfig) -> dict | None:
+    """Initial student weights from --student-hf when it holds safetensors and --load is not given."""
+    from pathlib import Path
+
+    if cfg.checkpoint.load or not list(Path(cfg.model.student_hf).glob("*.safetensors")):
+        return None
+    from megatron_opd.models import read_hf_checkpoint
+
+    return read_hf_checkpoint(cfg.model.student_hf)
+
+
+def _engines(cfg: OPDConfig, student: Student, tokenizer):
+    from megatron_opd.rollout import build_rollout_engine
+    from megatron_opd.teacher import build_teacher_engine
+
+    rollout = build_rollout_engine(cfg.engines.rollout_url, hf_config=student.hf_config,
+                                   vocab_size=student.vocab_size, seed=cfg.optim.seed)
+    teacher = build_teacher_engine(cfg.engines.teacher_url, model_dir=cfg.model.teacher_hf,
+                                   vocab_size=student.vocab_size, temperature=cfg.engines.teacher_temperature)
+    return rollout, teacher
+
+
+def build_components(cfg: OPDConfig, state: ParallelState) -> Components:
+    if state.cp_size > 1:
+        raise ConfigError("--context-parallel-size > 1: the trainer's CP data layout is not implemented yet "
+                          "(the drift gate supports CP; see megatron_opd.gating)")
+    tokenizer = load_tokenizer(cfg.model.student_hf)
+    is_sft = cfg.objective.objective == "sft"
+    prompts, counts = load_prompts(cfg.data, tokenizer, need_solution=is_sft)
+    pad_multiple = state.tp_size if cfg.parallel.sequence_parallel else 1
+    loss_holder: list[MicrobatchLoss] = []
+    student = build_student(cfg, state, _hf_weights(cfg),
+                            finalize_hook=lambda model: _rescale_grads(model, loss_holder[0], state))
+    settings = LossSettings(objective=cfg.objective.objective, gate=cfg.gate, topk=cfg.objective.topk,
+                            lsm_tail=cfg.objective.lsm_tail, ppo_clip=cfg.objective.ppo_clip,
+                            vocab_size=student.vocab_size)
+    loss_holder.append(MicrobatchLoss(settings, state.tp_group, state.dp_cp_group))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if is_sft:
+        maker = SFTExperienceMaker(prompts=prompts, tokenizer=tokenizer, batch_size=cfg.engines.prompts_per_rollout,
+                                   eos_id=tokenizer.eos_token_id, pad_id=pad_id, seed=cfg.optim.seed,
+                                   pad_to_multiple=pad_multiple)
+        rollout = None
+    else:
+        rollout, teacher = _engines(cfg, student, tokenizer)
+        maker = RolloutExperienceMaker(
+            prompts=prompts, rollout_engine=rollout, teacher_engine=teacher,
+            sampling=sampling_params(cfg, tokenizer), prompts_per_rollout=cfg.engines.prompts_per_rollout,
+            topk=cfg.objective.topk if cfg.objective.objective == "lsm" else 0, pad_id=pad_id,
+            special_token_ids=special_token_ids(tokenizer, cfg.objective.special_token_mask), seed=cfg.optim.seed,
+            pad_to_multiple=pad_multiple)
+    return Components(student=student, loss=loss_holder[0], maker=maker, rollout_engine=rollout,
+                      tokenizer=tokenizer, data_counts=counts, pad_multiple=pad_multiple)
+
+
+def _rescale_grads(model: list, loss: MicrobatchLoss, state: ParallelState) -> None:
+    """Exact mean gate normalisation over the whole step: scale grads by Σm / Σmg (see loss.py)."""
+    import torch.distributed as dist
+
+    last_rank = dist.get_process_group_ranks(state.pp_group)[-1]
+    scale = loss.normalizer.scale(state.pp_group, state.dp_cp_group, last_rank)
+    loss.step_gate_scale = scale
+    if scale != 1.0:
+        for chunk in model:
+            chunk.scale_gradients(scale)
+
+
+def sync_weights(components: Components) -> None:
+    """Push the student's current weights to the rollout engine (collective over all ranks)."""
+    if components.rollout_engine is None:
+        return
+    from megatron_opd.models import gather_hf_state_dict
+
+    state_dict = gather_hf_state_dict(components.student.unwrapped(), components.student.hf_config)
+    with torch.no_grad():
+        components.rollout_engine.update_weights(state_dict)

@@ -1,0 +1,266 @@
+"""The embedded CPU default of ``examples/run_block64.sh``: everything on a laptop-sized task.
+
+1. the synthetic toy task (``data.toy_task``) written as JSONL train/test files;
+2. a tiny Qwen3 teacher trained on reference solutions by this trainer's ``sft`` objective (cached);
+3. a weaker tiny student (a short SFT of the same kind, cached);
+4. Block64-gated OPD of the student from the teacher at TP=2 on CPU, in-process engines;
+5. pass@k on held-out problems for teacher, student before, student after — and, to stay honest
+   about what OPD buys, a student given the same extra wall time of plain SFT instead.
+
+Each training phase is a ``torchrun`` of ``megatron-opd train``; the recipe is data (``DemoRecipe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(kw_only=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+@dataclass(kw_only=True)
+class Phase:
+    """Flags of one ``megatron-opd train`` run (beyond the paths the demo fills in)."""
+
+    flags: dict
+
+
+@dataclass(kw_only=True)
+class DemoRecipe:
+    teacher: ModelShape = field(default_factory=lambda: ModelShape(layers=4, hidden=128, heads=4, kv_heads=2,
+                                                                    head_dim=32, intermediate=384))
+    student: ModelShape = field(default_factory=lambda: ModelShape(layers=4, hidden=128, heads=4, kv_heads=2,
+                                                                    head_dim=32, intermediate=384))
+    teacher_sft: dict = field(default_factory=lambda: {
+        "--train-iters": 500, "--prompts-per-rollout": 64, "--lr": 2e-3, "--min-lr": 2e-4,
+        "--lr-warmup-iters": 30, "--lr-decay-style": "cosine"})
+    student_sft: dict = field(default_factory=lambda: {
+        "--train-iters": 60, "--prompts-per-rollout": 64, "--lr": 2e-3, "--min-lr": 2e-3,
+        "--lr-warmup-iters": 10, "--lr-decay-style": "constant"})
+    opd: dict = field(default_factory=lambda: {
+        "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
+        "--train-iters": 40, "--prompts-per-rollout": 32, "--samples-per-prompt": 4,
+        "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 4,
+        "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 96, "--micro-batch-size": 64})
+    eval_problems: int = 100
+    eval_n: int = 8
+    train_problems: int = 4000
+    nproc: int = 2
+    seed: int = 1234
+
+    def fingerprint(self, *parts: str) -> str:
+        blob = json.dumps([dataclasses.asdict(self), parts], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def quick_recipe() -> DemoRecipe:
+    """A much smaller run for the test suite (it checks the pipeline, not the quality)."""
+    small = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128)
+    return DemoRecipe(
+        teacher=small, student=small,
+        teacher_sft={"--train-iters": 30, "--prompts-per-rollout": 32, "--lr": 3e-3, "--lr-warmup-iters": 3},
+        student_sft={"--train-iters": 6, "--prompts-per-rollout": 32, "--lr": 3e-3},
+        opd={"--objective": "lsm", "--topk": 8, "--gate": "block", "--gate-block-size": 64, "--train-iters": 4,
+             "--prompts-per-rollout": 8, "--samples-per-prompt": 2, "--epochs-per-rollout": 2,
+             "--minibatches-per-rollout": 1, "--lr": 1e-3, "--max-new-tokens": 48, "--micro-batch-size": 16},
+        eval_problems=12, eval_n=4, train_problems=500)
+
+
+def write_toy_data(workdir: Path, recipe: DemoRecipe) -> tuple[Path, list[dict]]:
+    from megatron_opd.data.toy_task import generate_toy_problems
+
+    train = generate_toy_problems(recipe.train_problems, seed=recipe.seed, split="train")
+    test = generate_toy_problems(recipe.eval_problems, seed=recipe.seed, split="test")
+    path = workdir / "toy_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in train))
+    (workdir / "toy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    return path, test
+
+
+def write_initial_model(out_dir: Path, shape: ModelShape, seed: int) -> Path:
+    """An HF dir with the toy tokenizer, a Qwen3 config and randomly initialised safetensors."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from megatron_opd.data.toy_task import build_toy_tokenizer
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tokenizer = build_toy_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    torch.manual_seed(seed)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    Qwen3ForCausalLM(config).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _argv(flags: dict) -> list[str]:
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(key)
+        elif value is not False and value is not None:
+            argv += [key, str(value)]
+    return argv
+
+
+def run_train(flags: dict, nproc: int, run_dir: Path, bar=None) -> float:
+    """torchrun ``megatron-opd train`` with ``flags``; returns wall seconds. Raises on failure.
+
+    The trainer's own output goes to ``run_dir/train.log``; ``bar`` advances with the steps it
+    writes to ``metrics.jsonl`` (one line per optimizer step, plus one per rollout).
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flags = {**flags, "--run-dir": str(run_dir), "--no-progress": True}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.cli", "train", *_argv(flags)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log_file, metrics_file = run_dir / "train.log", run_dir / "metrics.jsonl"
+    metrics_file.unlink(missing_ok=True)
+    start, done = time.time(), 0
+    with log_file.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            time.sleep(1.0)
+            done = _advance(bar, metrics_file, done)
+    _advance(bar, metrics_file, done)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training phase failed (exit {proc.returncode}); log {log_file}:\n"
+                           f"{log_file.read_text()[-3000:]}")
+    return time.time() - start
+
+
+def _advance(bar, metrics_file: Path, done: int) -> int:
+    if bar is None or not metrics_file.exists():
+        return done
+    steps = {json.loads(line)["step"] for line in metrics_file.read_text().splitlines() if line.strip()}
+    current = max(steps, default=0)
+    bar.update(max(current - done, 0))
+    return max(current, done)
+
+
+def evaluate_model(model_dir: Path, problems: list[dict], n: int, seed: int, max_new_tokens: int) -> dict:
+    """pass@1 / pass@n of an HF model dir on toy problems (in-process sampler, temperature 1)."""
+    from megatron_opd.eval.toy import evaluate_toy
+
+    return evaluate_toy(model_dir, problems, n=n, seed=seed, max_new_tokens=max_new_tokens)
+
+
+def _cached_train(name: str, out_dir: Path, flags: dict, recipe: DemoRecipe, workdir: Path, bar) -> float:
+    """Train unless ``out_dir`` (an HF export) already exists; returns the wall seconds spent."""
+    if (out_dir / "config.json").exists():
+        bar.update(int(flags["--train-iters"]))
+        bar.write(f"{name}: cached at {out_dir}")
+        return 0.0
+    seconds = run_train({**flags, "--save-hf": str(out_dir)}, recipe.nproc, workdir / f"run_{name}", bar)
+    bar.write(f"{name}: trained in {seconds:.0f} s -> {out_dir}")
+    return seconds
+
+
+def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
+    from tqdm import tqdm
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    data_path, test = write_toy_data(workdir, recipe)
+    common = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
+              "--log-interval": 10}
+    sft = {**common, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
+           "--minibatches-per-rollout": 1, "--micro-batch-size": 64}
+    teacher_init = write_initial_model(cache_dir / f"teacher-init-{recipe.fingerprint('ti')}", recipe.teacher,
+                                       recipe.seed)
+    student_init = write_initial_model(cache_dir / f"student-init-{recipe.fingerprint('si')}", recipe.student,
+                                       recipe.seed + 1)
+    teacher_dir = cache_dir / f"teacher-{recipe.fingerprint('teacher')}"
+    student_dir = cache_dir / f"student-{recipe.fingerprint('student')}"
+    after_dir = workdir / "student_after_opd"
+    total = sum(int(p["--train-iters"]) for p in (recipe.teacher_sft, recipe.student_sft, recipe.opd))
+    times = {}
+    with tqdm(total=total, desc="demo", unit="step", dynamic_ncols=True) as bar:
+        times["teacher_sft"] = _cached_train(
+            "teacher_sft", teacher_dir, {**sft, **recipe.teacher_sft, "--student-hf": str(teacher_init)},
+            recipe, workdir, bar)
+        times["student_sft"] = _cached_train(
+            "student_sft", student_dir, {**sft, **recipe.student_sft, "--student-hf": str(student_init)},
+            recipe, workdir, bar)
+        opd_flags = {**common, **recipe.opd, "--student-hf": str(student_dir), "--teacher-hf": str(teacher_dir),
+                     "--rollout-url": "local", "--teacher-url": "local", "--save-hf": str(after_dir)}
+        import shutil
+
+        shutil.rmtree(after_dir, ignore_errors=True)
+        times["opd"] = run_train(opd_flags, recipe.nproc, workdir / "run_opd", bar)
+    start = time.time()
+    max_new = int(recipe.opd.get("--max-new-tokens", 128))
+    results = {name: evaluate_model(path, test, recipe.eval_n, recipe.seed, max_new)
+               for name, path in (("teacher", teacher_dir), ("student before OPD", student_dir),
+                                  ("student after OPD", after_dir))}
+    times["eval"] = time.time() - start
+    return {"results": results, "times": times, "phase_times": _phase_times(workdir / "run_opd")}
+
+
+def _phase_times(run_dir: Path) -> dict:
+    """Total seconds per phase of the OPD run, from its metrics.jsonl."""
+    totals: dict[str, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        for key, value in json.loads(line).items():
+            if key.startswith("time_") and key != "time_iteration":
+                totals[key[5:]] = totals.get(key[5:], 0.0) + value
+    return totals
+
+
+def format_table(summary: dict, n: int) -> str:
+    rows = [f"| model | pass@1 | pass@{n} |", "|---|---|---|"]
+    for name, res in summary["results"].items():
+        rows.append(f"| {name} | {res['pass@1']:.3f} | {res[f'pass@{n}']:.3f} |")
+    times = ", ".join(f"{k} {v:.0f} s" for k, v in summary["times"].items())
+    phases = ", ".join(f"{k} {v:.1f} s" for k, v in summary["phase_times"].items())
+    return "\n".join(rows) + f"\n\nwall time: {times}\nOPD phases: {phases}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron-opd demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings (pipeline check for the tests)")
+    parser.add_argument("--workdir", default="runs/demo", help="run outputs (data, logs, the trained student)")
+    parser.add_argument("--cache-dir", default=os.environ.get("MEGATRON_OPD_CACHE",
+                                                              str(Path.home() / ".cache" / "megatron_opd")),
+                        help="teacher and student SFT checkpoints are cached here, keyed by the recipe")
+    args = parser.parse_args(argv)
+    recipe = quick_recipe() if args.quick else DemoRecipe()
+    workdir = Path(args.workdir)
+    start = time.time()
+    summary = run_demo(recipe, workdir, Path(args.cache_dir) / "demo")
+    table = format_table(summary, recipe.eval_n)
+    (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+    (workdir / "results.md").write_text(table)
+    print(f"\nheld-out toy problems: {recipe.eval_problems}, {recipe.eval_n} samples each\n\n{table}")
+    print(f"total {time.time() - start:.0f} s; results in {workdir}/results.md")
+    return 0

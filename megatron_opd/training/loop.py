@@ -1,0 +1,130 @@
+"""The OPD training loop: rollout → teacher → recompute log π_old → E epochs × M minibatches of
+optimizer steps with drift gates → weight sync → checkpoint / eval. Reads like the algorithm.
+
+Checkpoints are taken at rollout boundaries only (after the weight sync), so a resumed run needs
+no rollout data: the next batch is a pure function of the batch index and the seed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_opd.platform import ParallelState, destroy_distributed, initialize_distributed
+from megatron_opd.training.checkpoint import find_resumable, load_run_checkpoint, save_run_checkpoint
+from megatron_opd.training.components import Components, build_components, sync_weights
+from megatron_opd.training.config import OPDConfig
+from megatron_opd.training.metrics import MetricsLogger, derive_step_metrics
+from megatron_opd.training.step import recompute_logprobs, train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row (--max-bad-steps)."""
+
+
+def minibatch_plan(num_sequences: int, num_minibatches: int, epoch: int, batch_index: int, seed: int) -> list:
+    """Index tensors of each minibatch of one epoch; epoch 0 keeps rollout order (the recompute
+    layout), later epochs reshuffle with a seed derived from (seed, batch, epoch)."""
+    order = torch.arange(num_sequences)
+    if epoch > 0:
+        gen = torch.Generator().manual_seed(seed * 7919 + batch_index * 131 + epoch)
+        order = torch.randperm(num_sequences, generator=gen)
+    return list(order.chunk(num_minibatches))
+
+
+def train(cfg: OPDConfig) -> dict:
+    """Run training; returns the last step's metrics. Every rank calls it (under torchrun)."""
+    state = initialize_distributed(cfg.parallel)
+    try:
+        return _train(cfg, state)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: OPDConfig, state: ParallelState) -> dict:
+    run = build_components(cfg, state)
+    step, batch_index, bad_in_a_row = _resume(cfg, run)
+    sync_weights(run)  # the rollout engine starts from the trainer's weights
+    log = MetricsLogger(cfg.log.run_dir, enabled=state.rank == 0, total_steps=cfg.optim.train_iters,
+                        progress=cfg.log.progress, tensorboard=cfg.log.tensorboard,
+                        wandb_project=cfg.log.wandb_project, config=cfg.to_dict())
+    log.set_position(step)
+    obj, metrics = cfg.objective, {}
+    while step < cfg.optim.train_iters:
+        t0 = time.perf_counter()
+        exp, batch_metrics = run.maker.make(batch_index)
+        plans = [minibatch_plan(exp.num_sequences, obj.minibatches_per_rollout, epoch, batch_index, cfg.optim.seed)
+                 for epoch in range(obj.epochs_per_rollout)]
+        t1 = time.perf_counter()
+        if obj.objective != "sft":
+            exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size)
+                                if obj.logprob_source == "recompute" else exp.engine_logprobs)
+        batch_metrics["time_recompute"] = time.perf_counter() - t1
+        update = 0
+        for plan in plans:
+            for indices in plan:
+                if step >= cfg.optim.train_iters:
+                    break
+                t_step = time.perf_counter()
+                sums = train_step(run.student, run.loss, exp.select(indices, run.pad_multiple), state,
+                                  cfg.optim.micro_batch_size, REPORT_KEYS)
+                metrics = derive_step_metrics(sums, getattr(run.loss, "step_gate_scale", 1.0))
+                bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
+                if bad_in_a_row >= cfg.log.max_bad_steps:
+                    raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row at step {step + 1} "
+                                             f"(--max-bad-steps {cfg.log.max_bad_steps}); lower --lr?")
+                step += 1
+                metrics.update(batch_index=batch_index, update_in_rollout=update, time_train=time.perf_counter() - t_step,
+                               **(batch_metrics if update == 0 else {}))
+                update += 1
+                log.log(step, metrics, summary=step % cfg.log.log_interval == 0)
+        t_sync = time.perf_counter()
+        sync_weights(run)
+        batch_index += 1
+        log.log(step, {"time_sync": time.perf_counter() - t_sync, "time_iteration": time.perf_counter() - t0},
+                summary=False)
+        _maybe_checkpoint(cfg, run, step, batch_index, bad_in_a_row, final=step >= cfg.optim.train_iters)
+    _maybe_export_hf(cfg, run, state)
+    log.close()
+    return metrics
+
+
+REPORT_KEYS = ["tokens", "loss_sum", "entropy_sum", "gate_weighted", "abs_drift_sum", "abs_drift_max",
+               "reverse_kl_sum", "clip_fraction_sum", "ratio_sum", "student_topk_mass_sum", "topk_overlap_sum",
+               "gate_min", "gate_max", "gate_sq_sum", "gate_below_half_sum"]
+
+
+def _resume(cfg: OPDConfig, run: Components) -> tuple[int, int, int]:
+    """(step, batch index, bad steps in a row) from --load, or zeros for a fresh run."""
+    if not cfg.checkpoint.load:
+        return 0, 0, 0
+    path = find_resumable(cfg.checkpoint.load)
+    if path is None:  # a plain Megatron checkpoint (e.g. from tools/convert_hf_to_megatron.py): weights only
+        from megatron_opd.models import load_checkpoint
+
+        load_checkpoint(cfg.checkpoint.load, run.student.unwrapped())
+        return 0, 0, 0
+    trainer_state = load_run_checkpoint(path, run.student)
+    return trainer_state["step"], trainer_state["batch_index"], trainer_state["bad_in_a_row"]
+
+
+def _maybe_checkpoint(cfg: OPDConfig, run: Components, step: int, batch_index: int, bad: int, final: bool) -> None:
+    ckpt = cfg.checkpoint
+    if not ckpt.save:
+        return
+    steps_per_batch = cfg.objective.epochs_per_rollout * cfg.objective.minibatches_per_rollout
+    due = ckpt.save_interval and (step // steps_per_batch) % max(ckpt.save_interval // steps_per_batch, 1) == 0
+    if final or due:
+        save_run_checkpoint(ckpt.save, step, run.student,
+                            {"step": step, "batch_index": batch_index, "bad_in_a_row": bad}, ckpt.keep_last)
+
+
+def _maybe_export_hf(cfg: OPDConfig, run: Components, state: ParallelState) -> None:
+    if not cfg.checkpoint.save_hf:
+        return
+    from megatron_opd.models import gather_hf_state_dict, write_hf_checkpoint
+
+    state_dict = gather_hf_state_dict(run.student.unwrapped(), run.student.hf_config)
+    if state.rank == 0:
+        write_hf_checkpoint(cfg.checkpoint.save_hf, state_dict, cfg.model.student_hf)

@@ -1,0 +1,160 @@
+"""The loss of one micro-batch in Megatron's ``loss_func`` contract: ``(loss_sum, num_tokens, report)``.
+
+Per position: student log-probs via the vocab-parallel ops → the objective's position loss ℓ_t →
+the drift gate g_t (detached) → ``loss_sum = Σ m_t g_t ℓ_t`` and ``num_tokens = Σ m_t``.
+
+Gate normalisation (DESIGN §2.4) divides by the mean gate over the valid positions of the whole
+optimizer-step batch, which spans micro-batches and data-parallel ranks. For the default ``mean``
+normalisation it is applied exactly and for free: the micro-batches accumulate Σ m g, and after
+Megatron's ``finalize_model_grads`` has divided the gradients by the global Σ m, the step scales
+them by Σ m / Σ m g (``GateNormalizer``). ``L = Σ m ĝ ℓ / Σ m`` with ĝ = g / mean(g) is exactly
+``Σ m g ℓ / Σ m g``. The other normalisations (``clipped``, ``residual``) need ĝ before the loss,
+so they normalise over the micro-batch across the data-parallel ranks (documented departure).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd import objectives, ops
+from megatron_opd.gating import DriftGateConfig, drift_gates
+from megatron_opd.training.experience import Experience
+
+
+@dataclass(kw_only=True)
+class LossSettings:
+    objective: str
+    gate: DriftGateConfig
+    topk: int = 32
+    lsm_tail: bool = False
+    ppo_clip: float | None = None
+    vocab_size: int
+    """Real (unpadded) vocabulary size."""
+
+
+@dataclass
+class GateNormalizer:
+    """Σ m g and Σ m of one optimizer step, summed over micro-batches (last pipeline stage only)."""
+
+    weighted: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+
+    def reset(self) -> None:
+        self.weighted.zero_()
+        self.tokens.zero_()
+
+    def add(self, gates: torch.Tensor, mask: torch.Tensor) -> None:
+        self.weighted += (gates * mask).sum().double().cpu()
+        self.tokens += mask.sum().double().cpu()
+
+    def scale(self, pp_group, dp_cp_group, pp_last_rank: int) -> float:
+        """Global Σ m / Σ m g; 1 when no position was valid."""
+        both = torch.stack([self.weighted, self.tokens])
+        if pp_group is not None and dist.get_world_size(pp_group) > 1:
+            dist.broadcast(both, src=pp_last_rank, group=pp_group)  # collective: only the last stage has losses
+        if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
+            dist.all_reduce(both, group=dp_cp_group)  # collective: the batch is split over DP (and CP) ranks
+        weighted, tokens = both.tolist()
+        return tokens / weighted if weighted > 0 else 1.0
+
+
+def response_view(full: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Gather sequence-aligned ``full`` [b, S, ...] at response positions [b, T] -> [b, T, ...]."""
+    index = positions
+    for _ in range(full.dim() - 2):
+        index = index.unsqueeze(-1)
+    return full.gather(1, index.expand(*positions.shape, *full.shape[2:]))
+
+
+def student_logprobs(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int):
+    """Current log π_θ(y_t) and entropy on the response positions, both [b, T]."""
+    labels = torch.roll(mb.input_ids, shifts=-1, dims=1)  # position p predicts token p + 1
+    labels[:, -1] = 0  # the last position predicts nothing; 0 is always a valid id
+    logprobs, entropy = ops.vocab_parallel_logprobs_and_entropy(logits, labels, group=tp_group,
+                                                                 vocab_size=vocab_size)
+    positions = mb.response_positions()
+    return response_view(logprobs, positions), response_view(entropy, positions)
+
+
+def lsm_student_logits(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int, tail: bool) -> torch.Tensor:
+    """Student logits at the teacher's top-K ids (plus the sampled id with ``tail``): [b, T, K(+1)]."""
+    support = mb.teacher_topk_ids
+    if tail:
+        support = torch.cat([support, mb.response_ids.unsqueeze(-1)], dim=-1)
+    positions = mb.response_positions()
+    ids_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long)  # (b, S, K)
+    ids_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)
+    gathered = ops.vocab_parallel_gather(logits, ids_full, group=tp_group, vocab_size=vocab_size)
+    return response_view(gathered, positions)
+
+
+def position_loss(settings: LossSettings, logits, mb: Experience, cur_logprobs, tp_group):
+    """ℓ_t [b, T] of the configured objective, plus objective-specific metric tensors."""
+    if settings.objective == "sft":
+        return -cur_logprobs, {}
+    if settings.objective == "sampled":
+        loss, metrics = objectives.sampled_token_opd_loss(cur_logprobs, mb.old_logprobs, mb.teacher_logprobs,
+                                                          clip_eps=settings.ppo_clip, return_metrics=True)
+        return loss, metrics
+    student_at_topk = lsm_student_logits(logits, mb, tp_group, settings.vocab_size, settings.lsm_tail)
+    loss, metrics = objectives.topk_lsm_loss(student_at_topk, mb.teacher_topk_logprobs,
+                                             sampled_ids=mb.response_ids if settings.lsm_tail else None,
+                                             teacher_topk_ids=mb.teacher_topk_ids, return_metrics=True)
+    return loss, metrics
+
+
+class MicrobatchLoss:
+    """Builds Megatron ``loss_func``s for micro-batches; owns the step's gate normaliser."""
+
+    def __init__(self, settings: LossSettings, tp_group, dp_cp_group):
+        self.settings = settings
+        self.tp_group = tp_group
+        self.dp_cp_group = dp_cp_group
+        self.normalizer = GateNormalizer()
+        exact_mean = settings.gate.normalization == "mean"
+        # With exact global mean normalisation the gate function itself must not normalise.
+        self.gate_config = dataclasses.replace(settings.gate, normalization="none") if exact_mean else settings.gate
+        self.local_gate_norm_group = None if exact_mean else dp_cp_group
+
+    def __call__(self, mb: Experience, output_tensor: torch.Tensor):
+        logits = output_tensor  # (b, S, V/tp)
+        cur, entropy = student_logprobs(logits, mb, self.tp_group, self.settings.vocab_size)
+        mask = mb.loss_mask
+        per_pos, metrics = position_loss(self.settings, logits, mb, cur, self.tp_group)
+        if mb.old_logprobs is not None and self.settings.gate.granularity != "none":
+            gates, gate_stats = drift_gates(cur.detach(), mb.old_logprobs, mask, self.gate_config,
+                                            dp_group=self.local_gate_norm_group)
+        else:
+            gates, gate_stats = torch.ones_like(cur), {}
+        self.normalizer.add(gates, mask)
+        maskf = mask.to(per_pos.dtype)
+        loss_sum = torch.where(mask, gates * per_pos, torch.zeros_like(per_pos)).sum()
+        num_tokens = mask.sum().to(torch.int)
+        report = self._report(mb, cur.detach(), entropy.detach(), per_pos.detach(), gates, maskf, metrics, gate_stats)
+        return loss_sum, num_tokens, report
+
+    def _report(self, mb, cur, entropy, per_pos, gates, maskf, metrics, gate_stats) -> dict:
+        """Sums (not means) so micro-batches and ranks reduce by addition; the step divides."""
+        def msum(x):
+            return torch.where(maskf > 0, x, torch.zeros_like(x)).sum().detach().double()
+
+        report = {"tokens": maskf.sum().double(), "loss_sum": msum(per_pos * gates),
+                  "entropy_sum": msum(entropy), "gate_weighted": msum(gates)}
+        if mb.old_logprobs is not None:
+            drift = cur - mb.old_logprobs
+            report["abs_drift_sum"] = msum(drift.abs())
+            report["abs_drift_max"] = torch.where(maskf > 0, drift.abs(), torch.zeros_like(drift)).max().double()
+        if mb.teacher_logprobs is not None and mb.old_logprobs is not None:
+            report["reverse_kl_sum"] = msum(mb.old_logprobs - mb.teacher_logprobs)
+        for name, value in metrics.items():
+            report[f"{name}_sum"] = msum(value) if value.shape == maskf.shape else value.detach().double()
+        if gate_stats:
+            report["gate_min"] = torch.where(maskf > 0, gates, torch.full_like(gates, float("inf"))).min().double()
+            report["gate_max"] = torch.where(maskf > 0, gates, torch.full_like(gates, float("-inf"))).max().double()
+            report["gate_sq_sum"] = msum(gates * gates)
+            report["gate_below_half_sum"] = msum((gates < 0.5).to(gates.dtype))
+        return report

@@ -1,0 +1,103 @@
+"""Build the trainable student: Megatron ``GPTModel`` chunks wrapped in Megatron DDP, the Megatron
+optimizer and the LR scheduler. The one place the trainer wires Megatron's training machinery."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from megatron_opd.models import build_qwen3_model, load_hf_config
+from megatron_opd.platform import ParallelState
+from megatron_opd.training.config import OPDConfig
+
+
+@dataclass
+class Student:
+    model: list  # DDP-wrapped GPTModel chunks (one per virtual pipeline stage)
+    optimizer: object
+    scheduler: object
+    hf_config: object
+    vocab_size: int  # real vocabulary (the model pads it to a TP multiple)
+
+    def unwrapped(self) -> list:
+        return [chunk.module for chunk in self.model]
+
+
+def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
+                  finalize_hook=None) -> Student:
+    """Model + DDP + optimizer + scheduler. ``hf_weights`` (HF-named) initialise the model when given.
+
+    ``finalize_hook(model_chunks)`` runs after Megatron's gradient finalisation (DP all-reduce and
+    the per-token scaling) and before the optimizer step: the gate normaliser rescales there.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    from megatron_opd.models import load_hf_weights
+
+    hf_config = load_hf_config(cfg.model.student_hf)
+    dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
+    chunks = build_qwen3_model(hf_config, cfg.parallel, dtype=dtype)
+    if hf_weights is not None:
+        load_hf_weights(chunks, hf_weights, hf_config)
+    config = chunks[0].config
+    # Losses are summed per token; Megatron divides the gradients by the global valid-token count.
+    config.calculate_per_token_loss = True
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=False)
+    model = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                     disable_bucketing=index > 0)
+             for index, chunk in enumerate(chunks)]
+    config.no_sync_func = [m.no_sync for m in model] if len(model) > 1 else model[0].no_sync
+    config.finalize_model_grads_func = partial(_finalize, finalize_model_grads, finalize_hook)
+    optimizer = _build_optimizer(cfg, model)
+    scheduler = _build_scheduler(cfg, optimizer)
+    return Student(model=model, optimizer=optimizer, scheduler=scheduler, hf_config=hf_config,
+                   vocab_size=hf_config.vocab_size)
+
+
+def _finalize(megatron_finalize, hook, model, num_tokens=None, **kwargs):
+    megatron_finalize(model, num_tokens, **kwargs)
+    if hook is not None:
+        hook(model)
+
+
+def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's clip asserts CUDA grad tensors; on CPU scale the grads in place the same way."""
+    coeff = max_norm / (total_norm + 1.0e-6)
+    if coeff < 1.0:
+        for param in parameters:
+            grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
+            if grad is not None:
+                grad.mul_(coeff)
+
+
+def _build_optimizer(cfg: OPDConfig, model: list):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import optimizer as megatron_optimizer_module
+
+    from megatron_opd.platform import cpu_shim_active
+
+    if cpu_shim_active():
+        megatron_optimizer_module.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
+
+    opt = cfg.optim
+    config = OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+                             adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+                             clip_grad=opt.clip_grad, bf16=cfg.model.bf16, params_dtype=torch.float32,
+                             use_distributed_optimizer=False)
+    return get_megatron_optimizer(config, model)
+
+
+def _build_scheduler(cfg: OPDConfig, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt = cfg.optim
+    decay_steps = max(opt.train_iters - opt.lr_warmup_iters, 1) + opt.lr_warmup_iters
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if opt.lr_warmup_iters else opt.lr, max_lr=opt.lr,
+        min_lr=opt.min_lr if opt.lr_decay_style != "constant" else opt.lr,
+        lr_warmup_steps=opt.lr_warmup_iters, lr_decay_steps=decay_steps, lr_decay_style=opt.lr_decay_style,
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant")

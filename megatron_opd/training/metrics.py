@@ -1,0 +1,109 @@
+"""Run observability: ``metrics.jsonl`` (one JSON line per step), a one-line summary, a tqdm
+progress bar with ETA, and TensorBoard / W&B when installed and asked for. Rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+SUMMARY_KEYS = ("loss", "reverse_kl", "gate_mean", "gate_min", "abs_drift_mean", "entropy", "response_length",
+                "grad_norm", "lr")
+
+
+def derive_step_metrics(sums: dict[str, float], gate_scale: float) -> dict[str, float]:
+    """Turn reduced report sums into the per-step metrics of DESIGN §2.6."""
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    out = {"tokens": sums.get("tokens", 0.0)}
+    weighted = sums.get("gate_weighted", tokens)
+    out["loss"] = sums.get("loss_sum", 0.0) / max(weighted, 1e-12)
+    out["entropy"] = sums.get("entropy_sum", 0.0) / tokens
+    for key, value in sums.items():
+        if key.endswith("_sum") and key not in ("loss_sum", "entropy_sum", "gate_sq_sum", "gate_below_half_sum"):
+            out[key[: -len("_sum")] if not key.startswith("abs_drift") else "abs_drift_mean"] = value / tokens
+        elif key.endswith("_max") or key.endswith("_min") or key in ("grad_norm", "lr", "skipped"):
+            out[key] = value
+    if "gate_sq_sum" in sums:
+        # Normalised gates ĝ = g · scale (scale = Σm / Σmg): mean 1 by construction.
+        mean = weighted / tokens * gate_scale
+        second = sums["gate_sq_sum"] / tokens * gate_scale**2
+        out.update(gate_mean=mean, gate_std=math.sqrt(max(second - mean * mean, 0.0)),
+                   gate_min=sums["gate_min"] * gate_scale, gate_max=sums["gate_max"] * gate_scale,
+                   gate_raw_below_half=sums["gate_below_half_sum"] / tokens)
+    return out
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, progress: bool,
+                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
+        self.enabled = enabled
+        self.start = time.time()
+        self.bar = self.tb = self.wandb = None
+        if not enabled:
+            return
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file = (self.dir / "metrics.jsonl").open("a")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="opd", unit="step", dynamic_ncols=True)
+        if tensorboard:
+            self.tb = _maybe_tensorboard(self.dir)
+        if wandb_project:
+            self.wandb = _maybe_wandb(wandb_project, config)
+
+    def set_position(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def log(self, step: int, metrics: dict, summary: bool) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time() - self.start, 3), **metrics}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        line = " ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_KEYS if k in metrics)
+        if self.bar is not None:
+            self.bar.update(max(step - self.bar.n, 0))
+            if summary:
+                self.bar.write(f"step {step}: {line}")
+        elif summary:
+            print(f"step {step}: {line}", flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _maybe_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("--tensorboard: tensorboard is not installed (pip install tensorboard); not logging there")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _maybe_wandb(project: str, config: dict | None):
+    try:
+        import wandb
+    except ImportError:
+        print("--wandb-project: wandb is not installed (pip install wandb); not logging there")
+        return None
+    return wandb.init(project=project, config=config)

@@ -1,0 +1,17 @@
+"""The run directory: created before training, holds the effective config and the metrics."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_opd.training.config import OPDConfig
+
+
+def prepare_run_dir(cfg: OPDConfig) -> Path:
+    """Create --run-dir and write ``config.json`` (rank 0 only; safe to call on every rank)."""
+    run_dir = Path(cfg.log.run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.write(run_dir / "config.json")
+    return run_dir
