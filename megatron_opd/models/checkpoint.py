@@ -146,6 +146,25 @@ def _check_layout(saved: dict, current: dict, ckpt_dir: Path) -> bool:
     return saved["tp"] == current["tp"] and saved["pp"] == current["pp"]
 
 
+def _check_model_tensors(template: dict, num_chunks: int, ckpt_dir: Path) -> None:
+    """Raise naming the tensor when the checkpoint lacks a model tensor or holds it with another shape."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    for i in range(num_chunks):
+        for item in nested_values(template[_chunk_key(i)]):
+            if not isinstance(item, ShardedTensor):
+                continue
+            if item.key not in saved:
+                raise KeyError(f"{ckpt_dir}: checkpoint has no tensor {item.key!r} (does --hf-config / the model "
+                               "config match the checkpoint?)")
+            if tuple(saved[item.key].global_shape) != tuple(item.global_shape):
+                raise ValueError(f"{ckpt_dir}: tensor {item.key!r} has shape {list(saved[item.key].global_shape)} in the "
+                                 f"checkpoint but the model expects {list(item.global_shape)}")
+
+
 def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_scheduler=None,
                     load_rng: bool = True) -> dict:
     """Load a ``save_checkpoint`` directory into ``model_chunks`` (any TP/PP/VPP layout); return extra_state.
@@ -163,6 +182,7 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
         logger.warning("%s: RNG state saved at another TP/PP layout; not restored", ckpt_dir)
     template = _build_state(model_chunks, optimizer, opt_param_scheduler, None, rng, loading=True)
     template.pop("extra_state")
+    _check_model_tensors(template, len(model_chunks), ckpt_dir)
     loaded = dist_checkpointing.load(template, str(ckpt_dir))  # collective over all ranks
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_chunk_key(i)], strict=True)
