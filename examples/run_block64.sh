@@ -279,7 +279,9 @@ start_servers() {
 check_inputs() {
     [ -d "$STUDENT_HF" ] || die "STUDENT_HF=$STUDENT_HF is not a directory (HF config + tokenizer of the student)"
     if [ -n "$STUDENT_MCORE" ] && [ ! -e "$STUDENT_MCORE" ]; then
-        die "STUDENT_MCORE=$STUDENT_MCORE does not exist: convert the student once with tools/convert_hf_to_megatron.py (see its --help), or set STUDENT_MCORE= to pass no --load"
+        die "STUDENT_MCORE=$STUDENT_MCORE does not exist: convert the student once with
+  $PYTHON tools/convert_hf_to_megatron.py --hf-dir $STUDENT_HF --save $STUDENT_MCORE
+or set STUDENT_MCORE= to pass no --load"
     fi
 }
 
