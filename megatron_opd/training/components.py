@@ -40,7 +40,8 @@ def load_tokenizer(path: str):
 
 
 def special_token_ids(tokenizer, spec: str) -> frozenset[int]:
-    """Ids dropped from the loss: 'none', 'auto' (control tokens except EOS) or comma-separated ids."""
+    """Ids dropped from the loss: 'none', 'auto' (the tokenizer's special and chat/think control tokens,
+    EOS included, as in the LSM paper) or comma-separated ids."""
     if spec == "none":
         return frozenset()
     if spec != "auto":

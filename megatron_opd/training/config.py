@@ -84,8 +84,8 @@ class ObjectiveConfig:
     logprob_source: str = "recompute"
     """recompute log π_old on the trainer (no train/inference mismatch) or take the engine's."""
     special_token_mask: str = "auto"
-    """Ids (comma separated) whose positions are dropped from the loss; auto = chat/think control tokens
-    of the student tokenizer except EOS; none = keep all."""
+    """Ids (comma separated) whose positions are dropped from the loss; auto = the student tokenizer's
+    special and chat/think control tokens (EOS included, as the LSM paper does); none = keep all."""
 
     def __post_init__(self):
         _require(self.objective in OBJECTIVES, f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")

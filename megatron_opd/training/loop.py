@@ -91,7 +91,8 @@ def _train(cfg: OPDConfig, state: ParallelState) -> dict:
 
 
 REPORT_KEYS = ["tokens", "loss_sum", "entropy_sum", "gate_weighted", "abs_drift_sum", "abs_drift_max",
-               "reverse_kl_sum", "clip_fraction_sum", "ratio_sum", "student_topk_mass_sum", "topk_overlap_sum",
+               "reverse_kl_sum", "clip_fraction_sum", "ratio_sum", "reward_sum", "teacher_topk_mass_sum",
+               "student_topk_mass_sum", "sampled_outside_topk_sum", "topk_overlap_sum",
                "gate_min", "gate_max", "gate_sq_sum", "gate_below_half_sum"]
 
 
@@ -127,4 +128,4 @@ def _maybe_export_hf(cfg: OPDConfig, run: Components, state: ParallelState) -> N
 
     state_dict = gather_hf_state_dict(run.student.unwrapped(), run.student.hf_config)
     if state.rank == 0:
-        write_hf_checkpoint(cfg.checkpoint.save_hf, state_dict, cfg.model.student_hf)
+        write_hf_checkpoint(cfg.checkpoint.save_hf, state_dict, cfg.model.student_hf, overwrite=True)

@@ -80,13 +80,11 @@ def student_logprobs(logits: torch.Tensor, mb: Experience, tp_group, vocab_size:
     return response_view(logprobs, positions), response_view(entropy, positions)
 
 
-def lsm_student_logits(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int, tail: bool) -> torch.Tensor:
-    """Student logits at the teacher's top-K ids (plus the sampled id with ``tail``): [b, T, K(+1)]."""
-    support = mb.teacher_topk_ids
-    if tail:
-        support = torch.cat([support, mb.response_ids.unsqueeze(-1)], dim=-1)
+def lsm_student_logits(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int) -> torch.Tensor:
+    """Student logits at the teacher's top-K ids and, last, at the sampled id: [b, T, K+1]."""
+    support = torch.cat([mb.teacher_topk_ids, mb.response_ids.unsqueeze(-1)], dim=-1)
     positions = mb.response_positions()
-    ids_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long)  # (b, S, K)
+    ids_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long)  # (b, S, K+1)
     ids_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)
     gathered = ops.vocab_parallel_gather(logits, ids_full, group=tp_group, vocab_size=vocab_size)
     return response_view(gathered, positions)
@@ -97,13 +95,20 @@ def position_loss(settings: LossSettings, logits, mb: Experience, cur_logprobs, 
     if settings.objective == "sft":
         return -cur_logprobs, {}
     if settings.objective == "sampled":
-        loss, metrics = objectives.sampled_token_opd_loss(cur_logprobs, mb.old_logprobs, mb.teacher_logprobs,
-                                                          clip_eps=settings.ppo_clip, return_metrics=True)
-        return loss, metrics
-    student_at_topk = lsm_student_logits(logits, mb, tp_group, settings.vocab_size, settings.lsm_tail)
-    loss, metrics = objectives.topk_lsm_loss(student_at_topk, mb.teacher_topk_logprobs,
-                                             sampled_ids=mb.response_ids if settings.lsm_tail else None,
-                                             teacher_topk_ids=mb.teacher_topk_ids, return_metrics=True)
+        return objectives.sampled_token_opd_loss(cur_logprobs, mb.old_logprobs, mb.teacher_logprobs,
+                                                 clip_eps=settings.ppo_clip, return_metrics=True)
+    student_at = lsm_student_logits(logits, mb, tp_group, settings.vocab_size)
+    # log Z of the student from the sampled slot: logit(y_t) − log π(y_t); for the top-K mass metric.
+    log_normalizer = (student_at[..., -1] - cur_logprobs).detach()
+    loss, metrics = objectives.topk_lsm_loss(
+        student_at if settings.lsm_tail else student_at[..., :-1], mb.teacher_topk_logprobs, mask=mb.loss_mask,
+        sampled_ids=mb.response_ids, teacher_topk_ids=mb.teacher_topk_ids,
+        teacher_sampled_logprobs=mb.teacher_logprobs, student_log_normalizer=log_normalizer, return_metrics=True)
+    with torch.no_grad():
+        _, student_top_ids = ops.vocab_parallel_topk(logits.detach(), mb.teacher_topk_ids.shape[-1], group=tp_group,
+                                                     vocab_size=settings.vocab_size)
+        student_top_ids = response_view(student_top_ids, mb.response_positions())
+        metrics["topk_overlap"] = objectives.topk_overlap(student_top_ids, mb.teacher_topk_ids)
     return loss, metrics
 
 
