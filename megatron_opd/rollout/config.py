@@ -51,19 +51,34 @@ class RolloutConfig:
                               renormalize_logprobs=self.renormalize_logprobs)
 
 
-def build_rollout_engine(url_or_local, *, vocab_size: int | None = None, seed: int = 0, **options) -> RolloutEngine:
+def build_rollout_engine(url_or_local, *, vocab_size: int | None = None, seed: int = 0, hf_config=None,
+                         model=None, **options) -> RolloutEngine:
     """An SGLang client for an http(s) URL, else an in-process engine.
 
-    url_or_local: URL of an SGLang server/router, a local HF model dir, or an in-memory HF causal LM.
-    options: passed to ``SGLangRolloutEngine`` (worker_urls, max_concurrency, timeout_s, max_retries, …)
-    or ``LocalRolloutEngine`` (max_batch_rows, dtype).
+    url_or_local: URL of an SGLang server/router; "local" with ``model`` (an in-memory HF causal LM)
+    or ``hf_config`` (a randomly initialised Qwen3 whose weights arrive with the first
+    ``update_weights``); a local HF model dir; or an in-memory HF causal LM.
+    options: passed to ``SGLangRolloutEngine`` (worker_urls, max_concurrency, timeout_s, max_retries,
+    weight_sync_dir, …) or ``LocalRolloutEngine`` (max_batch_rows, dtype).
     """
     if isinstance(url_or_local, str) and url_or_local.startswith(("http://", "https://")):
         from megatron_opd.rollout.sglang_client import SGLangRolloutEngine
 
-        return SGLangRolloutEngine(url_or_local, seed=seed, **options)
-    if isinstance(url_or_local, (str, Path)) and not Path(url_or_local).is_dir():
-        raise FileNotFoundError(f"build_rollout_engine: {url_or_local} is neither an http(s) URL nor an HF model dir")
+        return SGLangRolloutEngine(url_or_local, seed=seed, hf_config=hf_config, **options)
     from megatron_opd.rollout.local import LocalRolloutEngine
 
+    if isinstance(url_or_local, str) and url_or_local == "local":
+        if model is None and hf_config is None:
+            raise ValueError("build_rollout_engine('local') needs model= (an HF causal LM) or hf_config=")
+        url_or_local = model if model is not None else _empty_model(hf_config)
+    elif isinstance(url_or_local, (str, Path)) and not Path(url_or_local).is_dir():
+        raise FileNotFoundError(f"build_rollout_engine: {url_or_local} is neither an http(s) URL, 'local', "
+                                "nor an HF model dir")
     return LocalRolloutEngine(url_or_local, vocab_size=vocab_size, seed=seed, **options)
+
+
+def _empty_model(hf_config):
+    """A causal LM of ``hf_config``'s architecture; its (random) weights are replaced by the first sync."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(hf_config)

@@ -35,12 +35,20 @@ class TeacherConfig:
 
 
 def build_teacher_engine(url_or_local, *, vocab_size: int | None = None, temperature: float = 1.0,
-                         **options) -> TeacherEngine:
-    """An SGLang scorer for an http(s) URL, else an in-process teacher (HF dir or in-memory HF causal LM)."""
+                         model_dir=None, model=None, **options) -> TeacherEngine:
+    """An SGLang scorer for an http(s) URL, else an in-process teacher.
+
+    url_or_local: URL of an SGLang server/router; "local" with ``model_dir`` (HF dir) or ``model``
+    (in-memory HF causal LM); an HF dir; or an in-memory HF causal LM.
+    """
     if isinstance(url_or_local, str) and url_or_local.startswith(("http://", "https://")):
         from megatron_opd.teacher.sglang import SGLangTeacher
 
         return SGLangTeacher(url_or_local, temperature=temperature, **options)
+    if isinstance(url_or_local, str) and url_or_local == "local":
+        url_or_local = model if model is not None else model_dir
+        if url_or_local is None:
+            raise ValueError("build_teacher_engine('local') needs model_dir= (an HF dir) or model=")
     if isinstance(url_or_local, (str, Path)) and not Path(url_or_local).is_dir():
         raise FileNotFoundError(f"build_teacher_engine: {url_or_local} is neither an http(s) URL nor an HF model dir")
     from megatron_opd.teacher.local import LocalTeacher

@@ -1,0 +1,224 @@
+"""HTTP machinery shared by the SGLang rollout client and the SGLang teacher scorer.
+
+One request per sample, each with its own ``rid``; bounded concurrency; per-request timeouts;
+retries with exponential backoff that move to the next healthy worker (failover); every answer
+goes through a validator, and every error names the server and the ``rid``. Requests that time
+out are aborted on their server (best effort) so a retry never leaves a duplicate running there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+
+class SGLangError(RuntimeError):
+    """A request failed for good; the message names the server(s) and the rid."""
+
+    def __init__(self, message: str, server: str | None = None, rid: str | None = None) -> None:
+        super().__init__(message)
+        self.server, self.rid = server, rid
+
+
+class RetryableError(Exception):
+    """An answer that another attempt (same or other worker) may fix: 5xx, drop, timeout, bad body."""
+
+
+class FatalError(Exception):
+    """An answer no retry can fix (HTTP 4xx with an error body, impossible request)."""
+
+
+def run_sync(coro: Awaitable):
+    """Runs a coroutine from sync code, also when the caller already runs an event loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.setdefault("out", _capture(coro)))
+    thread.start()
+    thread.join()
+    if "error" in box["out"]:
+        raise box["out"]["error"]
+    return box["out"]["value"]
+
+
+def _capture(coro: Awaitable) -> dict:
+    try:
+        return {"value": asyncio.run(coro)}
+    except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+        return {"error": err}
+
+
+@dataclass
+class WorkerPool:
+    """Round-robin over worker (or router) URLs; a failing worker sits out ``cooldown_s`` seconds."""
+
+    urls: list[str]
+    cooldown_s: float = 5.0
+    _next: int = 0
+    _down_until: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("SGLang client: give at least one server URL")
+        self.urls = [u.rstrip("/") for u in self.urls]
+
+    def pick(self, avoid: str | None = None) -> str:
+        """The next worker that is not cooling down (and not ``avoid`` when another exists)."""
+        now = time.monotonic()
+        order = [self.urls[(self._next + i) % len(self.urls)] for i in range(len(self.urls))]
+        self._next = (self._next + 1) % len(self.urls)
+        healthy = [u for u in order if self._down_until.get(u, 0.0) <= now]
+        preferred = [u for u in healthy if u != avoid] or healthy or [u for u in order if u != avoid] or order
+        return preferred[0]
+
+    def mark_down(self, url: str) -> None:
+        self._down_until[url] = time.monotonic() + self.cooldown_s
+
+
+@dataclass(kw_only=True)
+class RetryPolicy:
+    """Timeouts and retries of one request."""
+
+    timeout_s: float = 300.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 4
+    """extra attempts after the first."""
+    backoff_s: float = 0.2
+    """first backoff; doubles per attempt, capped at ``max_backoff_s``."""
+    max_backoff_s: float = 5.0
+
+    def backoff(self, attempt: int) -> float:
+        return min(self.backoff_s * (2 ** attempt), self.max_backoff_s)
+
+
+def decode_json(response: httpx.Response, server: str, rid: str):
+    """JSON body of a 200 answer; malformed bodies and non-200 statuses raise Retryable/FatalError."""
+    if response.status_code >= 500 or response.status_code == 429:
+        raise RetryableError(f"HTTP {response.status_code} from {server} for rid {rid}: {response.text[:200]}")
+    if response.status_code != 200:
+        raise FatalError(f"HTTP {response.status_code} from {server} for rid {rid}: {_error_message(response)}")
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RetryableError(f"malformed JSON from {server} for rid {rid}: {err}; body {response.text[:120]!r}") from err
+
+
+def _error_message(response: httpx.Response) -> str:
+    """SGLang's error body {"object": "error", "message": ...}, or the raw text."""
+    try:
+        body = response.json()
+        return str(body.get("message", body)) if isinstance(body, dict) else str(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text[:200]
+
+
+def check_logprob(value, what: str) -> float:
+    """A finite log-prob <= ~0, else RetryableError naming ``what``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value > 1e-3:
+        raise RetryableError(f"{what} is {value!r}, not a finite log-prob <= 0")
+    return float(value)
+
+
+class RequestRunner:
+    """Sends requests with bounded concurrency, retries and failover; tracks rids in flight."""
+
+    def __init__(self, pool: WorkerPool, policy: RetryPolicy, max_concurrency: int) -> None:
+        self.pool, self.policy, self.max_concurrency = pool, policy, int(max_concurrency)
+        self.in_flight: dict[str, str] = {}  # rid -> server, for /abort_request on shutdown
+        self.attempts = 0
+        self.failures: list[str] = []
+
+    def client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
+        timeout = httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s)
+        return httpx.AsyncClient(limits=limits, timeout=timeout)
+
+    async def run_all(self, jobs: list[tuple[Callable[[int], tuple[str, dict]], Callable]], path: str = "/generate"):
+        """Runs every job (make_payload(attempt) -> (rid, payload), validate(body, rid, server) -> result).
+
+        On any failure or interrupt the other requests are cancelled and aborted on their servers.
+        """
+        semaphore = asyncio.Semaphore(self.max_concurrency)
+        async with self.client() as client:
+            tasks = [asyncio.ensure_future(self._guarded(client, semaphore, path, make, check))
+                     for make, check in jobs]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.abort_in_flight(client)
+                raise
+
+    async def _guarded(self, client, semaphore, path, make, check):
+        async with semaphore:
+            return await self.request(client, path, make, check)
+
+    async def request(self, client: httpx.AsyncClient, path: str, make, check):
+        """One logical request: attempts until ``check`` accepts an answer or retries run out."""
+        errors: list[str] = []
+        server = None
+        for attempt in range(self.policy.max_retries + 1):
+            server = self.pool.pick(avoid=server)
+            rid, payload = make(attempt)
+            try:
+                return await self._attempt(client, server, path, rid, payload, check)
+            except FatalError as err:
+                raise SGLangError(str(err), server, rid) from err
+            except RetryableError as err:
+                errors.append(str(err))
+                self.failures.append(str(err))
+            if attempt < self.policy.max_retries:
+                await asyncio.sleep(self.policy.backoff(attempt))
+        raise SGLangError(f"rid {rid} failed after {len(errors)} attempts (last server {server}): "
+                          + " | ".join(errors[-3:]), server, rid)
+
+    async def _attempt(self, client, server: str, path: str, rid: str, payload: dict, check):
+        self.attempts += 1
+        self.in_flight[rid] = server  # stays there if cancelled: run_all/close abort it
+        try:
+            response = await client.post(server + path, json=payload)
+        except httpx.TimeoutException as err:
+            self.in_flight.pop(rid, None)
+            self.pool.mark_down(server)
+            asyncio.ensure_future(self._abort(client, server, rid))  # don't leave a duplicate running there
+            raise RetryableError(f"timeout after {self.policy.timeout_s}s on {server} for rid {rid}") from err
+        except httpx.TransportError as err:  # refused, reset, dropped mid-answer: the worker is gone
+            self.in_flight.pop(rid, None)
+            self.pool.mark_down(server)
+            raise RetryableError(f"{type(err).__name__} from {server} for rid {rid}: {err}") from err
+        self.in_flight.pop(rid, None)
+        body = decode_json(response, server, rid)
+        try:
+            return check(body, rid, server)
+        except RetryableError as err:
+            raise RetryableError(f"invalid answer from {server} for rid {rid}: {err}") from err
+
+    async def _abort(self, client: httpx.AsyncClient, server: str, rid: str) -> None:
+        try:
+            await client.post(server + "/abort_request", json={"rid": rid}, timeout=2.0)
+        except httpx.HTTPError:
+            pass  # best effort: the worker may be dead
+
+    async def abort_in_flight(self, client: httpx.AsyncClient | None = None) -> None:
+        """POST /abort_request for every rid still in flight (shutdown / interrupted batch)."""
+        pending, self.in_flight = dict(self.in_flight), {}
+        if not pending:
+            return
+        own = client is None
+        client = client or self.client()
+        try:
+            await asyncio.gather(*(self._abort(client, server, rid) for rid, server in pending.items()))
+        finally:
+            if own:
+                await client.aclose()

@@ -1,0 +1,227 @@
+"""Weight sync of SGLang workers: from disk (HF safetensors on a shared path) and over NCCL.
+
+Disk: ``/update_weights_from_disk`` {model_path, load_format, flush_cache, weight_version} on every
+worker (never through a router), then a check that each worker reports the new weight version
+(``/model_info``; older versions ``/get_weight_version`` or ``/get_model_info``) and, optionally,
+that a log-prob probe matches the trainer's, then ``/flush_cache`` (HTTP 400 while busy: retried).
+NCCL (GPU only): ``/init_weights_update_group`` + ``/update_weights_from_distributed``, with the
+trainer broadcasting each tensor from rank 0 of the update group while the HTTP call is pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+from pathlib import Path
+
+import httpx
+import torch
+
+from megatron_opd.rollout.sglang_http import RetryPolicy, SGLangError, run_sync
+
+VERSION_ENDPOINTS = ("/model_info", "/get_weight_version", "/get_model_info")
+
+
+def write_hf_safetensors(state_dict: dict[str, torch.Tensor], directory: str | Path, hf_config=None) -> Path:
+    """Writes ``model.safetensors`` (+ ``config.json`` when hf_config is given) for SGLang to load."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(directory / "model.safetensors"))
+    if hf_config is not None:
+        hf_config.save_pretrained(str(directory))
+    return directory
+
+
+class WeightSyncClient:
+    """Weight and cache calls sent to each worker directly."""
+
+    def __init__(self, urls: list[str], policy: RetryPolicy, weight_sync_dir: str | None = None,
+                 hf_config=None, probe_atol: float = 1e-3) -> None:
+        self.urls = [u.rstrip("/") for u in urls]
+        self.policy, self.weight_sync_dir, self.hf_config = policy, weight_sync_dir, hf_config
+        self.probe_atol = probe_atol
+        self._versions = itertools.count(1)
+
+    def _client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s))
+
+    async def _post(self, client, url: str, path: str, payload: dict, busy_retry: bool = False) -> dict:
+        """POST with retries on 5xx/transport errors (and on 400 when ``busy_retry``); returns the JSON body."""
+        last = ""
+        for attempt in range(self.policy.max_retries + 1):
+            try:
+                response = await client.post(url + path, json=payload)
+                if response.status_code == 200 or (response.status_code == 400 and not busy_retry):
+                    return _json_or_error(response, url, path)
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+            except httpx.TransportError as err:
+                last = f"{type(err).__name__}: {err}"
+            await asyncio.sleep(self.policy.backoff(attempt))
+        raise SGLangError(f"{path} on {url} failed after {self.policy.max_retries + 1} attempts: {last}", url)
+
+    async def health(self, urls: list[str]) -> dict[str, bool]:
+        async with self._client() as client:
+            return dict(zip(urls, await asyncio.gather(*(self._healthy(client, u) for u in urls))))
+
+    async def _healthy(self, client, url: str) -> bool:
+        try:
+            return (await client.get(url.rstrip("/") + "/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def flush(self, client, url: str) -> None:
+        """/flush_cache answers 400 while requests run: retried with backoff."""
+        await self._post(client, url, "/flush_cache", {}, busy_retry=True)
+
+    async def flush_all(self) -> None:
+        async with self._client() as client:
+            await asyncio.gather(*(self.flush(client, u) for u in self.urls))
+
+    async def weight_version(self, client, url: str) -> str | None:
+        """The worker's reported weight version, from the first endpoint that answers."""
+        for path in VERSION_ENDPOINTS:
+            try:
+                response = await client.get(url + path)
+            except httpx.TransportError:
+                continue
+            if response.status_code == 200:
+                version = response.json().get("weight_version")
+                if version is not None:
+                    return str(version)
+        return None
+
+    async def probe_logprobs(self, client, url: str, prompt: list[int], response: list[int]) -> list[float]:
+        """Log-probs of ``response`` after ``prompt`` on one worker (teacher-style scoring request)."""
+        payload = {"input_ids": list(prompt) + list(response), "return_logprob": True,
+                   "logprob_start_len": len(prompt) - 1, "top_logprobs_num": 0, "rid": f"weight-probe-{url}",
+                   "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
+        body = await self._post(client, url, "/generate", payload)
+        body = body[0] if isinstance(body, list) else body
+        return [e[0] for e in body["meta_info"]["input_token_logprobs"][1:]]
+
+    def resolve_source(self, source, version: str) -> str:
+        """A directory path every worker can read: ``source`` itself or a fresh safetensors export."""
+        if isinstance(source, (str, Path)):
+            if not Path(source).is_dir():
+                raise FileNotFoundError(f"weight sync: {source} is not a directory of HF safetensors")
+            return str(source)
+        if self.weight_sync_dir is None:
+            raise ValueError("SGLang weight sync from an in-memory state dict needs weight_sync_dir "
+                             "(rollout.weight_sync_dir), a path every worker can read")
+        return str(write_hf_safetensors(source, Path(self.weight_sync_dir) / version, self.hf_config))
+
+    def update_from_disk(self, source, *, weight_version: str | None = None, probe=None) -> str:
+        version = weight_version or f"v{next(self._versions)}"
+        path = self.resolve_source(source, version)
+        run_sync(self._update_all(path, version, probe))
+        return version
+
+    async def _update_all(self, path: str, version: str, probe) -> None:
+        async with self._client() as client:
+            await asyncio.gather(*(self._update_one(client, u, path, version, probe) for u in self.urls))
+
+    async def _update_one(self, client, url: str, path: str, version: str, probe) -> None:
+        body = await self._post(client, url, "/update_weights_from_disk",
+                                {"model_path": path, "load_format": "auto", "flush_cache": True,
+                                 "weight_version": version})
+        if not body.get("success", False):
+            raise SGLangError(f"/update_weights_from_disk on {url} failed: {body.get('message')}", url)
+        reported = await self.weight_version(client, url)
+        if reported != version:
+            raise SGLangError(f"{url} reports weight version {reported!r} after loading {path}, expected {version!r}",
+                              url)
+        if probe is not None:
+            await self._check_probe(client, url, probe)
+        await self.flush(client, url)
+
+    async def _check_probe(self, client, url: str, probe) -> None:
+        prompt, response, expected = probe
+        got = await self.probe_logprobs(client, url, prompt, response)
+        worst = max((abs(a - b) for a, b in zip(got, expected)), default=math.inf)
+        if len(got) != len(expected) or worst > self.probe_atol:
+            raise SGLangError(f"{url}: weight probe log-probs differ from the trainer's by {worst:.3g} "
+                              f"(> {self.probe_atol}): the new weights are not in use", url)
+
+    # --- NCCL path (GPU clusters) -------------------------------------------------------------
+    def init_update_group(self, master_address: str, master_port: int, group_name: str = "megatron_opd",
+                          backend: str = "nccl", worker_tp_sizes: list[int] | None = None):
+        """Forms the update group: the trainer is rank 0, worker i's ranks start at 1 + Σ earlier TP sizes.
+
+        Returns the trainer's process group (collective: blocks until every worker joined).
+        """
+        tp_sizes = worker_tp_sizes or [1] * len(self.urls)
+        world_size = 1 + sum(tp_sizes)
+        offsets = [1 + sum(tp_sizes[:i]) for i in range(len(self.urls))]
+        calls = [(u, "/init_weights_update_group",
+                  {"master_address": master_address, "master_port": int(master_port), "rank_offset": off,
+                   "world_size": world_size, "group_name": group_name, "backend": backend})
+                 for u, off in zip(self.urls, offsets)]
+        thread, box = self._post_in_background(calls)
+        group = trainer_update_group(master_address, master_port, world_size, group_name, backend)
+        _join(thread, box)
+        return group
+
+    def update_from_distributed(self, named_tensors: list[tuple[str, torch.Tensor]], group, group_name: str,
+                                weight_version: str | None = None) -> str:
+        """Broadcasts tensors (rank 0 = trainer) while every worker's HTTP call receives them."""
+        version = weight_version or f"v{next(self._versions)}"
+        payload = {"names": [n for n, _ in named_tensors],
+                   "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named_tensors],
+                   "shapes": [list(t.shape) for _, t in named_tensors], "group_name": group_name,
+                   "flush_cache": True, "weight_version": version}
+        thread, box = self._post_in_background([(u, "/update_weights_from_distributed", payload) for u in self.urls])
+        for _, tensor in named_tensors:
+            torch.distributed.broadcast(tensor, src=0, group=group)  # collective: trainer -> all worker ranks
+        _join(thread, box)
+        return version
+
+    def _post_in_background(self, calls: list[tuple[str, str, dict]]):
+        box: dict = {}
+
+        async def post_all():
+            async with self._client() as client:
+                return await asyncio.gather(*(self._post(client, u, p, body) for u, p, body in calls))
+
+        def target():
+            try:
+                box["out"] = run_sync(post_all())
+            except BaseException as err:  # noqa: BLE001 - re-raised by _join
+                box["error"] = err
+
+        thread = threading.Thread(target=target, daemon=True)
+        thread.start()
+        return thread, box
+
+
+def _join(thread: threading.Thread, box: dict) -> None:
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    for body in box["out"]:
+        if isinstance(body, dict) and body.get("success") is False:
+            raise SGLangError(f"weight update call failed: {body.get('message')}")
+
+
+def trainer_update_group(master_address: str, master_port: int, world_size: int, group_name: str, backend: str):
+    """The trainer's side (rank 0) of SGLang's custom update group, formed through a TCP rendezvous."""
+    from torch.distributed import distributed_c10d as c10d
+
+    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size))
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name)
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
+
+
+def _json_or_error(response: httpx.Response, url: str, path: str) -> dict:
+    try:
+        body = response.json()
+    except ValueError as err:
+        raise SGLangError(f"{path} on {url}: malformed JSON {response.text[:120]!r}", url) from err
+    if response.status_code != 200:
+        message = body.get("message", body) if isinstance(body, dict) else body
+        raise SGLangError(f"{path} on {url}: HTTP {response.status_code}: {message}", url)
+    return body
