@@ -1,0 +1,79 @@
+"""Public entry point ``drift_gates``: validation, gates, and their statistics."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_opd.gating.config import DriftGateConfig
+from megatron_opd.gating.gates import _dp_sum, gate_values, normalize_gates, unit_drift
+from megatron_opd.gating.units import _group_size
+
+
+def _check_inputs(cur_logprobs, old_logprobs, mask, config, span_ends, positions) -> None:
+    if not isinstance(config, DriftGateConfig):
+        raise TypeError(f"config must be a DriftGateConfig, got {type(config).__name__}")
+    if not isinstance(cur_logprobs, torch.Tensor) or cur_logprobs.dim() != 2:
+        raise ValueError(f"cur_logprobs must be a [B, T] tensor, got {tuple(getattr(cur_logprobs, 'shape', ()))}")
+    shape = tuple(cur_logprobs.shape)
+    expected = {"old_logprobs": old_logprobs, "mask": mask, "span_ends": span_ends, "positions": positions}
+    for name, tensor in expected.items():
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {shape} (to match cur_logprobs)")
+        if tensor is not None and tensor.device != cur_logprobs.device:
+            raise ValueError(f"{name} is on {tensor.device} but cur_logprobs is on {cur_logprobs.device}")
+    if mask.dtype != torch.bool or (span_ends is not None and span_ends.dtype != torch.bool):
+        raise TypeError("mask and span_ends must be bool tensors")
+    if config.granularity == "span" and span_ends is None:
+        raise ValueError("DriftGateConfig.granularity='span' needs span_ends (bool [B, T]; see newline_span_ends)")
+    if positions is not None and (positions.dtype.is_floating_point or bool((positions < 0).any())):
+        raise ValueError("positions must hold non-negative integer global response indices")
+    drift = cur_logprobs.detach() - old_logprobs.detach()
+    bad = ~torch.isfinite(drift) & mask
+    if bool(bad.any()):  # host-device sync: fail early instead of gating on NaN
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"log π_θ − log π_old is not finite at valid position {index}: check cur/old_logprobs")
+
+
+def gate_stats(gates, drift, mask, num_units, dp_group, cp_group) -> dict[str, torch.Tensor]:
+    """Gate mean/std/min/max, fraction < 0.5, |δ| mean/max and the number of units, over the whole batch."""
+    zero = torch.zeros((), dtype=torch.float64, device=gates.device)
+    g, d = gates.double()[mask], drift.double().abs()[mask]
+    sums = _dp_sum(torch.stack([g.sum(), (g * g).sum(), (g < 0.5).sum().double(), d.sum(),
+                                mask.sum().double(), num_units.double() / _group_size(cp_group)]), dp_group)
+    extremes = torch.stack([g.max() if g.numel() else zero, -g.min() if g.numel() else zero,
+                            d.max() if d.numel() else zero])
+    if _group_size(dp_group) > 1:
+        # collective: DP(×CP) max; empty ranks send 0, which never exceeds real values except an all-empty batch
+        extremes = torch.where(torch.tensor(g.numel() > 0), extremes, torch.full_like(extremes, -torch.inf))
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=dp_group)
+        extremes = torch.where(torch.isfinite(extremes), extremes, zero)
+    count = sums[4].clamp_min(1)
+    mean = sums[0] / count
+    return {"gate_mean": mean, "gate_std": (sums[1] / count - mean * mean).clamp_min(0).sqrt(),
+            "gate_min": -extremes[1], "gate_max": extremes[0], "gate_frac_below_half": sums[2] / count,
+            "abs_drift_mean": sums[3] / count, "abs_drift_max": extremes[2], "num_units": sums[5].round()}
+
+
+@torch.no_grad()
+def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, config: DriftGateConfig,
+                span_ends: torch.Tensor | None = None, positions: torch.Tensor | None = None, cp_group=None,
+                dp_group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Detached per-position gates ĝ [B, T] (float32, 0 at invalid positions) and 0-dim stats.
+
+    cur_logprobs / old_logprobs: [B, T_local] log π_θ(y_t) / log π_old(y_t), response-aligned;
+    mask: bool [B, T_local] valid positions; span_ends: bool [B, T_local] (span granularity);
+    positions: [B, T_local] global response index of each local token (default arange; needed
+    under CP); cp_group: the sequence's CP group; dp_group: ranks holding the batch exactly once.
+    """
+    _check_inputs(cur_logprobs, old_logprobs, mask, config, span_ends, positions)
+    drift = torch.where(mask, cur_logprobs.double() - old_logprobs.double(), 0.0)
+    if positions is None:
+        positions = torch.arange(drift.shape[1], device=drift.device).expand_as(drift)
+    if config.granularity == "none":
+        gates, num_units = torch.ones_like(drift), torch.zeros((), dtype=torch.long)
+    else:
+        unit_values, num_units = unit_drift(drift, mask, config, positions.long(), span_ends, cp_group)
+        gates = normalize_gates(gate_values(unit_values, config), mask, config, dp_group)
+    gates = torch.where(mask, gates, 0.0)
+    return gates.float(), gate_stats(gates, drift, mask, num_units, dp_group, cp_group)
