@@ -22,9 +22,7 @@ def _train(argv: list[str]) -> int:
         print(f"megatron-opd train: error: {err}", file=sys.stderr)
         return 2
     from megatron_opd.training.loop import train
-    from megatron_opd.training.run_dir import prepare_run_dir
 
-    prepare_run_dir(cfg)
     train(cfg)
     return 0
 

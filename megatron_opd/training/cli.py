@@ -60,8 +60,9 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--gate-tau": ("gate", "tau", None, "gate temperature: g = exp(-tau * |D|)"),
     "--gate-aggregation": ("gate", "aggregation", None, "mean | mean_abs | k3"),
     "--gate-fn": ("gate", "gate_fn", None, "exp | clip"),
-    "--gate-clip-eps": ("gate", "clip_eps", None, "threshold of --gate-fn clip"),
+    "--gate-clip-eps": ("gate", "clip_eps", float, "threshold of --gate-fn clip"),
     "--gate-normalization": ("gate", "normalization", None, "mean | none | clipped | residual"),
+    "--gate-clip-range": ("gate", "clip_range", None, "a,b bounds of --gate-normalization clipped"),
     "--gate-residual-alpha": ("gate", "residual_alpha", None, "alpha of --gate-normalization residual"),
     # engines
     "--rollout-url": ("engines", "rollout_url", None, "SGLang URL(s), comma separated, or local"),
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         elif isinstance(default, tuple):
-            parser.add_argument(flag, dest=dest, default=",".join(default), help=help_text)
+            parser.add_argument(flag, dest=dest, default=",".join(map(str, default)), help=help_text)
         else:
             parser.add_argument(flag, dest=dest, type=opt_type or type(default), default=default, help=help_text)
     parser.add_argument("--config", dest="config_file", default=None,
@@ -132,8 +133,14 @@ def parse_config(argv: list[str] | None = None) -> OPDConfig:
         section, name = dest.split(".")
         if args.config_file and dest not in given:
             continue  # keep the config file's value unless the flag was typed
-        if isinstance(getattr(_section_defaults()[section], name), tuple):
-            value = tuple(v for v in value.split(",") if v) if isinstance(value, str) else tuple(value)
+        default = getattr(_section_defaults()[section], name)
+        if isinstance(default, tuple) and isinstance(value, str):
+            item_type = type(default[0]) if default else str
+            try:
+                value = tuple(item_type(v) for v in value.split(",") if v)
+            except ValueError as err:
+                raise ConfigError(f"--{name.replace('_', '-')}: expected comma-separated {item_type.__name__}s, "
+                                  f"got {value!r}") from err
         raw.setdefault(section, {})[name] = value
     raw.setdefault("parallel", {})["seed"] = raw.get("optim", {}).get("seed", 1234)
     try:

@@ -123,7 +123,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _argv(flags: dict) -> list[str]:
+def flags_to_argv(flags: dict) -> list[str]:
+    """{"--flag": value} -> argv; True gives a bare flag, False/None leave it out."""
     argv = []
     for key, value in flags.items():
         if value is True:
@@ -142,7 +143,7 @@ def run_train(flags: dict, nproc: int, run_dir: Path, bar=None) -> float:
     run_dir.mkdir(parents=True, exist_ok=True)
     flags = {**flags, "--run-dir": str(run_dir), "--no-progress": True}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.cli", "train", *_argv(flags)]
+           "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.cli", "train", *flags_to_argv(flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     log_file, metrics_file = run_dir / "train.log", run_dir / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)

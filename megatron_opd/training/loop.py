@@ -16,6 +16,7 @@ from megatron_opd.training.checkpoint import find_resumable, load_run_checkpoint
 from megatron_opd.training.components import Components, build_components, sync_weights
 from megatron_opd.training.config import OPDConfig
 from megatron_opd.training.metrics import MetricsLogger, derive_step_metrics
+from megatron_opd.training.run_dir import prepare_run_dir
 from megatron_opd.training.step import recompute_logprobs, train_step
 
 
@@ -37,12 +38,15 @@ def train(cfg: OPDConfig) -> dict:
     """Run training; returns the last step's metrics. Every rank calls it (under torchrun)."""
     state = initialize_distributed(cfg.parallel)
     try:
-        return _train(cfg, state)
+        return run_training(cfg, state)
     finally:
         destroy_distributed()
 
 
-def _train(cfg: OPDConfig, state: ParallelState) -> dict:
+def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
+    """The loop on an already initialised ``state`` (several runs can share one process group)."""
+    if state.rank == 0:
+        prepare_run_dir(cfg)  # the effective config, written before anything can fail
     run = build_components(cfg, state)
     step, batch_index, bad_in_a_row = _resume(cfg, run)
     sync_weights(run)  # the rollout engine starts from the trainer's weights

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from megatron_opd.training.config import OPDConfig
 
 
 def prepare_run_dir(cfg: OPDConfig) -> Path:
-    """Create --run-dir and write ``config.json`` (rank 0 only; safe to call on every rank)."""
+    """Create --run-dir and write the effective ``config.json`` (call on rank 0)."""
     run_dir = Path(cfg.log.run_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.write(run_dir / "config.json")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.write(run_dir / "config.json")
     return run_dir

@@ -1,0 +1,118 @@
+"""Config / CLI validation: every bad setting is refused before any process group starts, and the
+message names the flag to change."""
+
+import json
+
+import pytest
+
+from megatron_opd.training.cli import FLAGS, build_parser, parse_config
+from megatron_opd.training.config import ConfigError, OPDConfig
+
+BASE = ["--student-hf", "/models/student", "--teacher-hf", "/models/teacher", "--data-path", "toy"]
+
+# Frozen flag set: adding or renaming a flag is an interface change; update this list on purpose.
+FROZEN_FLAGS = sorted(FLAGS)
+
+
+def test_flag_set_is_frozen():
+    expected = {
+        "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size",
+        "--context-parallel-size", "--sequence-parallel", "--student-hf", "--teacher-hf", "--bf16", "--lr",
+        "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1",
+        "--adam-beta2", "--train-iters", "--micro-batch-size", "--seed", "--save", "--save-interval", "--keep-last",
+        "--load", "--save-hf", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
+        "--minibatches-per-rollout", "--logprob-source", "--special-token-mask", "--gate", "--gate-block-size",
+        "--gate-tau", "--gate-aggregation", "--gate-fn", "--gate-clip-eps", "--gate-normalization", "--gate-clip-range",
+        "--gate-residual-alpha", "--rollout-url", "--teacher-url", "--prompts-per-rollout", "--samples-per-prompt",
+        "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--data-path", "--prompt-field",
+        "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
+        "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
+        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress"}
+    assert set(FROZEN_FLAGS) == expected
+
+
+def test_defaults_follow_the_paper():
+    cfg = parse_config(BASE)
+    assert cfg.objective.epochs_per_rollout == 2
+    assert cfg.gate.granularity == "block" and cfg.gate.block_size == 64
+    assert cfg.engines.top_p == 0.9 and cfg.engines.temperature == 1.0
+    assert cfg.objective.topk == 32
+
+
+def test_flags_fill_the_sections():
+    cfg = parse_config(BASE + ["--tensor-model-parallel-size", "2", "--objective", "lsm", "--topk", "16",
+                               "--gate", "span", "--gate-tau", "2.5", "--lr", "3e-4", "--no-chat-template",
+                               "--eval-benchmarks", "aime24,math500", "--seed", "7"])
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    assert cfg.objective.objective == "lsm" and cfg.objective.topk == 16
+    assert cfg.gate.granularity == "span" and cfg.gate.tau == 2.5
+    assert cfg.optim.lr == 3e-4 and cfg.data.chat_template is False
+    assert cfg.log.eval_benchmarks == ("aime24", "math500")
+    assert cfg.parallel.seed == 7 and cfg.optim.seed == 7
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--objective", "ppo"], "--objective"),
+    (["--lr", "0"], "--lr"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--ppo-clip", "2"], "--ppo-clip"),
+    (["--epochs-per-rollout", "0"], "--epochs-per-rollout"),
+    (["--prompts-per-rollout", "3", "--samples-per-prompt", "3", "--minibatches-per-rollout", "2"],
+     "--minibatches-per-rollout"),
+    (["--objective", "sft", "--gate", "block"], "--gate none"),
+    (["--save-interval", "5"], "--save"),
+    (["--lr-decay-style", "exponential"], "--lr-decay-style"),
+    (["--logprob-source", "server"], "--logprob-source"),
+    (["--max-bad-steps", "0"], "--max-bad-steps"),
+])
+def test_invalid_settings_name_the_flag(extra, flag):
+    with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):
+        parse_config(BASE + extra)
+
+
+def test_local_teacher_needs_teacher_hf():
+    with pytest.raises(ConfigError, match="--teacher-hf"):
+        parse_config(["--student-hf", "/s", "--data-path", "toy"])
+
+
+def test_missing_data_path_is_named():
+    with pytest.raises(ConfigError, match="--data-path"):
+        parse_config(["--student-hf", "/s", "--teacher-hf", "/t"])
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--gate", "paragraph"], "granularity"),
+    (["--gate-block-size", "0"], "block_size"),
+    (["--tensor-model-parallel-size", "0"], "tensor_model_parallel_size"),
+    (["--gate-fn", "clip"], "clip_eps"),
+    (["--gate-normalization", "clipped", "--gate-clip-range", "2,1"], "clip_range"),
+])
+def test_section_errors_name_the_field(extra, field):
+    with pytest.raises(ConfigError, match=field):
+        parse_config(BASE + extra)
+
+
+def test_config_round_trips_through_json(tmp_path):
+    cfg = parse_config(BASE + ["--objective", "lsm", "--eval-benchmarks", "toy"])
+    cfg.write(tmp_path / "config.json")
+    again = OPDConfig.from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert again == cfg
+
+
+def test_config_file_with_flag_override(tmp_path):
+    cfg = parse_config(BASE + ["--lr", "1e-4", "--topk", "8"])
+    cfg.write(tmp_path / "c.json")
+    again = parse_config(["--config", str(tmp_path / "c.json"), "--topk", "4"])
+    assert again.optim.lr == 1e-4 and again.objective.topk == 4
+
+
+def test_unknown_config_field_is_named(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"optim": {"learning_rate": 1.0}}))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_config(["--config", str(tmp_path / "c.json")])
+
+
+def test_help_lists_every_flag():
+    text = build_parser().format_help()
+    for flag in FLAGS:
+        assert flag in text
