@@ -30,7 +30,9 @@ def write_hf_safetensors(state_dict: dict[str, torch.Tensor], directory: str | P
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(directory / "model.safetensors"))
+    # clone: tied embeddings share storage, which safetensors refuses
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state_dict.items()},
+              str(directory / "model.safetensors"))
     if hf_config is not None:
         hf_config.save_pretrained(str(directory))
     return directory
