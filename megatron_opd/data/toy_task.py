@@ -140,7 +140,7 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK_TOKEN,
         additional_special_tokens=[IM_START, THINK_START, THINK_END],
         chat_template=CHAT_TEMPLATE,
-        model_max_length=512,
+        model_max_length=8192,  # also used on real benchmark text (one id per character)
         padding_side="right",  # as Qwen3 tokenizers
         clean_up_tokenization_spaces=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass, field
 
 from megatron_opd.eval.benchmarks import available_benchmarks
@@ -59,9 +60,11 @@ class EvalConfig:
             raise ValueError("--batch-problems, --grader-workers and --grade-timeout must be positive")
         self.sampling_params([])  # validates the sampling fields
 
-    def sampling_params(self, stop_token_ids) -> SamplingParams:
+    def sampling_params(self, stop_token_ids, benchmark: str = "") -> SamplingParams:
+        """Sampling of one benchmark; its base seed mixes in the name so benchmarks draw independent noise."""
+        seed = zlib.crc32(f"{self.seed}:{benchmark}".encode()) if benchmark else self.seed
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_new_tokens=self.max_new_tokens, n=self.n, seed=self.seed,
+                              max_new_tokens=self.max_new_tokens, n=self.n, seed=seed,
                               stop_token_ids=tuple(stop_token_ids))
 
     def instruction_for(self, benchmark: str) -> str:

@@ -5,9 +5,9 @@ appended (and fsynced) after every engine call, so grading can be redone without
 a killed run resumes without regenerating finished problems. Each line records the generation
 settings; resuming with different settings is refused instead of mixing two runs in one file.
 
-Seeds: sample j of problem i gets ``derive_sample_seed(seed, i, j)`` (the engine's prompt counter is
-set to the problem's position before each call and restored afterwards), so results do not depend
-on batching or on where a run was interrupted.
+Seeds: sample j of problem i gets ``derive_sample_seed(base, i, j)``, ``base`` a hash of (seed,
+benchmark); the engine's prompt counter is set to the problem's position before each call and
+restored afterwards, so results depend neither on batching nor on where a run was interrupted.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def generate_benchmark(engine, tokenizer, benchmark: str, records: list[dict], c
     _check_settings(finished, settings, path)
     todo = [(pos, r) for pos, r in enumerate(records) if r["id"] not in finished]
     counts = {"resumed": len(records) - len(todo), "generated": len(todo)}
-    params = cfg.sampling_params(_stop_ids(tokenizer))
+    params = cfg.sampling_params(_stop_ids(tokenizer), benchmark)
     bar = tqdm(total=len(records), initial=counts["resumed"], desc=f"generate {benchmark}",
                unit="problem", disable=not show_progress)
     saved_state = engine.state_dict() if todo else None

@@ -7,6 +7,7 @@ over the paper's benchmarks present in the run (all benchmarks when only ``toy``
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -55,7 +56,8 @@ def summarize_benchmark(lines: list[dict], verdicts: list[list[str]], cfg: EvalC
 
 
 def evaluate(engine, tokenizer, benchmarks=None, n=None, ks=None, sampling_params=None, out_dir=None, *,
-             config: EvalConfig | None = None, show_progress: bool = True, **overrides) -> dict:
+             config: EvalConfig | None = None, pool: GradingPool | None = None, show_progress: bool = True,
+             **overrides) -> dict:
     """Evaluate ``engine`` (any ``RolloutEngine``) on ``benchmarks``; writes and returns the results.
 
     Either pass an ``EvalConfig`` as ``config`` or the common fields directly (``benchmarks``, ``n``,
@@ -63,6 +65,7 @@ def evaluate(engine, tokenizer, benchmarks=None, n=None, ks=None, sampling_param
     ``SamplingParams``) overrides temperature/top_p/top_k/max_new_tokens/seed.
     Output in ``out_dir``: ``generations/*.jsonl`` (raw), ``grades/*.jsonl``, ``results.json``,
     ``results.md``, ``pass_at_k.png``. Returns the ``results.json`` content.
+    ``pool``: a ``GradingPool`` to reuse across calls (e.g. one per variant sweep); default: a new one.
     """
     cfg = config or _build_config(benchmarks, n, ks, sampling_params, out_dir, overrides)
     out = Path(cfg.out_dir)
@@ -70,7 +73,7 @@ def evaluate(engine, tokenizer, benchmarks=None, n=None, ks=None, sampling_param
     results = {"run_name": cfg.run_name or out.name, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                "config": cfg.to_dict(), "benchmarks": {}}
     all_scores = {}
-    with GradingPool(cfg.grader_workers, cfg.grade_timeout_s) as pool:
+    with contextlib.nullcontext(pool) if pool else GradingPool(cfg.grader_workers, cfg.grade_timeout_s) as pool:
         for name in cfg.benchmarks:
             records = load_benchmark(name, cfg.data_dir)[: cfg.limit]
             lines, counts = generate_benchmark(engine, tokenizer, name, records, cfg, out, show_progress)

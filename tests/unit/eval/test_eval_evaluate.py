@@ -8,7 +8,7 @@ from math import comb
 import pytest
 
 from megatron_opd.data.toy_task import build_toy_tokenizer
-from megatron_opd.eval import evaluate, load_benchmark
+from megatron_opd.eval import GradingPool, evaluate, load_benchmark
 from megatron_opd.eval.config import EvalConfig
 from megatron_opd.eval.report import format_comparison_table, load_results, write_comparison
 from megatron_opd.rollout.base import RolloutEngine
@@ -62,15 +62,21 @@ def _expected_pass(num_problems: int, k: int) -> float:
     return float(total / num_problems)
 
 
+@pytest.fixture(scope="module")
+def pool():
+    with GradingPool(num_workers=1) as p:
+        yield p
+
+
 def _cfg(tmp_path, **kw):
     return EvalConfig(benchmarks=("toy",), n=N, ks=K, out_dir=str(tmp_path / "run"), limit=11,
                       batch_problems=3, grader_workers=1, **kw)
 
 
-def test_metrics_match_exact_counts_and_resume_skips_finished(tmp_path):
+def test_metrics_match_exact_counts_and_resume_skips_finished(tmp_path, pool):
     tok = build_toy_tokenizer()
     engine = ScriptedEngine(tok)
-    results = evaluate(engine, tok, config=_cfg(tmp_path), show_progress=False)
+    results = evaluate(engine, tok, config=_cfg(tmp_path), pool=pool, show_progress=False)
     toy = results["benchmarks"]["toy"]
     for k in K:
         assert toy["metrics"][f"pass@{k}"]["value"] == pytest.approx(_expected_pass(11, k), abs=1e-12)
@@ -88,17 +94,18 @@ def test_metrics_match_exact_counts_and_resume_skips_finished(tmp_path):
     lines = gen.read_text().splitlines()
     gen.write_text("\n".join(lines[:7]) + "\n" + lines[7][:20])  # plus a torn line, as after a kill
     again = ScriptedEngine(tok)
-    rerun = evaluate(again, tok, config=_cfg(tmp_path), show_progress=False)
+    rerun = evaluate(again, tok, config=_cfg(tmp_path), pool=pool, show_progress=False)
     assert again.problems == 4 and rerun["benchmarks"]["toy"]["resumed"] == 7
     assert gen.read_text().splitlines() == lines
     assert rerun["benchmarks"]["toy"]["metrics"] == toy["metrics"]
 
 
-def test_resume_with_other_settings_is_refused(tmp_path):
+def test_resume_with_other_settings_is_refused(tmp_path, pool):
     tok = build_toy_tokenizer()
-    evaluate(ScriptedEngine(tok), tok, config=_cfg(tmp_path), show_progress=False)
+    evaluate(ScriptedEngine(tok), tok, config=_cfg(tmp_path), pool=pool, show_progress=False)
     with pytest.raises(ValueError, match=r"other settings.*temperature"):
-        evaluate(ScriptedEngine(tok), tok, config=_cfg(tmp_path, temperature=1.0), show_progress=False)
+        evaluate(ScriptedEngine(tok), tok, config=_cfg(tmp_path, temperature=1.0), pool=pool,
+                 show_progress=False)
 
 
 def test_config_errors_name_the_flag():
