@@ -133,3 +133,39 @@ def write_comparison(runs: Mapping[str, dict], out_dir: str | Path, metric: str 
                                  + format_comparison_table(runs, metric, ci=True))
     plot_comparison(runs, paths["plot"], metric=metric)
     return paths
+
+
+def aggregate_seeds(runs_by_variant: Mapping[str, list[dict]], metric: str = "pass@8") -> dict[str, dict]:
+    """Mean and spread over seeds: ``{variant: {column: {mean, std, min, max, values}}}``.
+
+    ``runs_by_variant[v]`` holds one results dict per seed; ``std`` is the sample standard deviation
+    (ddof=1; 0 for a single seed). Columns are the benchmarks plus ``mean``.
+    """
+    import numpy as np
+
+    out = {}
+    for variant, seed_runs in runs_by_variant.items():
+        if not seed_runs:
+            raise ValueError(f"aggregate_seeds: variant {variant!r} has no runs")
+        out[variant] = {}
+        for column in _columns({str(i): r for i, r in enumerate(seed_runs)}):
+            values = [e["value"] for e in (_entry(r, column, metric) for r in seed_runs) if e is not None]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            out[variant][column] = {"mean": float(np.mean(values)), "std": std, "min": min(values),
+                                    "max": max(values), "values": values}
+    return out
+
+
+def format_seed_table(aggregated: Mapping[str, dict], metric: str = "pass@8", digits: int = 3) -> str:
+    """Markdown of ``aggregate_seeds``: rows = variants, columns = benchmarks + mean, cells mean ± std."""
+    columns: list[str] = []
+    for cols in aggregated.values():
+        columns += [c for c in cols if c not in columns and c != MEAN_COLUMN]
+    columns.append(MEAN_COLUMN)
+    rows = [f"| {metric} (mean ± std over seeds) | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns)]
+    for variant, cols in aggregated.items():
+        cells = [f"{cols[c]['mean']:.{digits}f} ± {cols[c]['std']:.{digits}f} (n={len(cols[c]['values'])})"
+                 if c in cols else "—" for c in columns]
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"

@@ -127,3 +127,17 @@ def test_comparison_table_is_laid_out_like_the_paper(tmp_path):
     paths = write_comparison(runs, tmp_path)
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
     assert load_benchmark("toy")[0]["id"].startswith("toy-test")
+
+
+def test_seed_aggregation_mean_and_sample_std():
+    from megatron_opd.eval.report import aggregate_seeds, format_seed_table
+
+    def fake(value):
+        metric = {"pass@8": {"value": value, "ci_low": value, "ci_high": value}}
+        return {"benchmarks": {"toy": {"metrics": metric}}, "mean": {"benchmarks": ["toy"], "metrics": metric}}
+    agg = aggregate_seeds({"sampled": [fake(0.2), fake(0.4), fake(0.9)], "block64": [fake(0.5)]})
+    assert agg["sampled"]["toy"]["mean"] == pytest.approx(0.5)
+    assert agg["sampled"]["mean"]["std"] == pytest.approx(((0.09 + 0.01 + 0.16) / 2) ** 0.5)
+    assert agg["block64"]["toy"]["std"] == 0.0
+    table = format_seed_table(agg).splitlines()
+    assert table[2] == "| sampled | 0.500 ± 0.361 (n=3) | 0.500 ± 0.361 (n=3) |"
