@@ -69,14 +69,18 @@ class _VocabParallelStatsFn(torch.autograd.Function):
         grad_picked = _picked_grads(grad_logprobs, grad_gathered, has_target, picked_ids, log_z.dtype)
         grad = torch.empty_like(logits2d)
         grad[:, shard.num_valid:].zero_()  # vocab padding gets no gradient
+        in_place = grad.dtype == log_z.dtype  # fp32/fp64 logits: compute straight into the gradient
         for rows in row_chunks(logits2d.shape[0], chunk_size):
+            target = grad[rows, : shard.num_valid]
             work = _chunk_grad(logits2d[rows, : shard.num_valid], log_z[rows],
                                entropy[rows] if entropy is not None else None,
                                grad_logprobs[rows] if grad_logprobs is not None else None,
-                               grad_entropy[rows] if grad_entropy is not None else None)
+                               grad_entropy[rows] if grad_entropy is not None else None,
+                               out=target if in_place else None)
             if grad_picked is not None and shard.num_valid > 0:  # 1[j = id] terms, owning shard only
                 scatter_owned_(work, picked_ids[rows], grad_picked[rows], shard)
-            grad[rows, : shard.num_valid].copy_(work)
+            if work is not target:
+                target.copy_(work)
         return grad, None, None, None, None, None
 
 
@@ -92,11 +96,11 @@ def _picked_grads(grad_logprobs, grad_gathered, has_target, picked_ids, dtype):
     return grad
 
 
-def _chunk_grad(chunk, log_z, entropy, grad_logprob, grad_entropy) -> torch.Tensor:
-    """[n, V_valid] compute-dtype gradient of one chunk before the one-hot terms."""
+def _chunk_grad(chunk, log_z, entropy, grad_logprob, grad_entropy, out=None) -> torch.Tensor:
+    """[n, V_valid] compute-dtype gradient of one chunk before the one-hot terms (into ``out`` if given)."""
     if grad_logprob is None and grad_entropy is None:
-        return torch.zeros(chunk.shape, dtype=log_z.dtype, device=chunk.device)
-    return softmax_grad_chunk(chunk, log_z, entropy, grad_logprob, grad_entropy)
+        return out.zero_() if out is not None else torch.zeros(chunk.shape, dtype=log_z.dtype, device=chunk.device)
+    return softmax_grad_chunk(chunk, log_z, entropy, grad_logprob, grad_entropy, out=out)
 
 
 def vocab_parallel_stats(logits: torch.Tensor, token_ids: torch.Tensor | None = None,

@@ -55,17 +55,23 @@ def chunk_log_normalizer(chunk: torch.Tensor, shard: VocabShard, with_entropy: b
     return combine_softmax_stats(all_gather_stack(stats, shard))  # collective: TP all-gather of [n, 3]
 
 
-def softmax_grad_chunk(chunk, log_z, entropy, grad_logprob, grad_entropy) -> torch.Tensor:
+def softmax_grad_chunk(chunk, log_z, entropy, grad_logprob, grad_entropy, out=None) -> torch.Tensor:
     """Gradient of the normaliser-dependent outputs w.r.t. the logits of one chunk.
 
-    chunk [n, V_valid]; log_z, entropy, grad_logprob, grad_entropy [n] (grads may be None).
-    d(z_y − log Z)/dz_j = 1[j=y] − p_j and dH/dz_j = −p_j (log p_j + H); this returns the
-    −p_j (g_lp + g_H (log p_j + H)) part, the 1[j=y] part is scattered by the caller.
+    chunk [n, V_valid]; log_z, entropy, grad_logprob, grad_entropy [n] (grads may be None);
+    out: optional compute-dtype [n, V_valid] buffer (e.g. the slice of the final gradient) to
+    write into, saving a temporary and a copy. d(z_y − log Z)/dz_j = 1[j=y] − p_j and
+    dH/dz_j = −p_j (log p_j + H); this returns the −p_j (g_lp + g_H (log p_j + H)) part, the
+    1[j=y] part is scattered by the caller.
     """
-    log_p = chunk.to(compute_dtype(chunk.dtype), copy=True).sub_(log_z[:, None])  # [n, V_valid]
+    cdtype = compute_dtype(chunk.dtype)
+    if out is None:
+        log_p = chunk.to(cdtype, copy=True).sub_(log_z[:, None])  # [n, V_valid]
+    else:
+        log_p = torch.sub(chunk.to(cdtype), log_z[:, None], out=out)
     prob = log_p.exp()
     if grad_entropy is None:
-        return prob.mul_(-grad_logprob[:, None])
+        return torch.mul(prob, -grad_logprob[:, None], out=log_p)
     coef = log_p.add_(entropy[:, None]).mul_(grad_entropy[:, None])
     if grad_logprob is not None:
         coef.add_(grad_logprob[:, None])
