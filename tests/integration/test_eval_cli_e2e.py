@@ -34,8 +34,8 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def _cmd(model_dir, out_dir):
-    return [sys.executable, "-m", "megatron_opd.eval", "--model-hf", str(model_dir), "--data-dir", str(DATA_DIR),
+def _cmd(model_dir, out_dir, entry=("megatron_opd.eval",)):
+    return [sys.executable, "-m", *entry, "--model-hf", str(model_dir), "--data-dir", str(DATA_DIR),
             "--out-dir", str(out_dir), "--benchmarks", ",".join(BENCHMARKS), "--limit", str(LIMIT),
             "--n", "4", "--k", "1,4", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", "64",
             "--batch-problems", "1", "--grader-workers", "1", "--no-progress"]
@@ -74,7 +74,8 @@ def test_eval_cli_runs_writes_reports_and_resumes_after_sigkill(tiny_model_dir, 
     assert 3 <= done_before < total, f"kill landed after {done_before} of {total} problems"
     assert not (out / "results.json").exists()
 
-    run = subprocess.run(_cmd(tiny_model_dir, out), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=400)
+    # Resume through the console-script dispatcher (`megatron-opd eval`).
+    run = subprocess.run(_cmd(tiny_model_dir, out, entry=("megatron_opd.cli", "eval")), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     after = _complete_lines(out)

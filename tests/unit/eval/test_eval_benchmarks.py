@@ -71,3 +71,22 @@ def test_missing_field_duplicate_id_missing_file_unknown_name(tmp_path):
         load_benchmark("aime25", tmp_path)
     with pytest.raises(ValueError, match="unknown benchmark 'gsm8k'"):
         load_benchmark("gsm8k", tmp_path)
+
+
+def test_hub_path_maps_fields_concatenates_configs_and_checks_counts(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(repo, config, split):
+        calls.append((repo, config, split))
+        part = "I" if config == "AIME2025-I" else "II"
+        return [{"question": f"q{part}{i}", "answer": f"0{i}"} for i in range(15)]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    records = load_benchmark("aime25")
+    assert calls == [("opencompass/AIME2025", "AIME2025-I", "test"), ("opencompass/AIME2025", "AIME2025-II", "test")]
+    assert records[16]["problem"] == "qII1" and records[16]["answer"] == "1" and records[16]["id"] == "aime25-16"
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, config, split: [{"problem": "p", "answer": 1.0}] * 3)
+    with pytest.raises(ValueError, match="hub dataset HuggingFaceH4/aime_2024 has 3 records, expected 30"):
+        load_benchmark("aime24")
