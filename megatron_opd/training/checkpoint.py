@@ -33,6 +33,12 @@ def _barrier():
         dist.barrier()  # collective: every rank finished its part of the save/load
 
 
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: ``MEGATRON_OPD_FAULT=name@step`` SIGKILLs this process group here, as a node crash would."""
+    if os.environ.get("MEGATRON_OPD_FAULT") == f"{name}@{step}":
+        os.killpg(os.getpgid(0), 9)
+
+
 def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
 
@@ -51,6 +57,7 @@ def save_run_checkpoint(save_dir: str, step: int, student, trainer_state: dict, 
     _barrier()
     save_checkpoint(str(tmp / "model"), student.unwrapped(), optimizer=student.optimizer,
                     opt_param_scheduler=student.scheduler, extra_state=trainer_state)
+    _fault_point("save", step)
     if rank == 0:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     _barrier()
