@@ -67,13 +67,12 @@ def _set_rng_state(state: dict) -> None:
 
 def _rng_sharded_object(model_chunks: list, data):
     """Per-rank RNG state as a ShardedObject over (PP, TP), replicated over DP (Megatron-LM's layout)."""
-    from megatron.core import parallel_state as mpu
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     first = unwrap(model_chunks[0])
     return ShardedObject("rng_state", data, (first.pp_group.size(), first.tp_group.size()),
                          (first.pp_group.rank(), first.tp_group.rank()),
-                         replica_id=mpu.get_data_parallel_rank(with_context_parallel=True))
+                         replica_id=first.pg_collection.dp_cp.rank())
 
 
 def _build_state(model_chunks, optimizer, opt_param_scheduler, extra_state, rng: bool, loading: bool) -> dict:

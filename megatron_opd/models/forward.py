@@ -69,7 +69,9 @@ def _run_pipeline(model_chunks, input_ids, position_ids, mask) -> torch.Tensor |
 
     iterators = [iter(batches) for _ in model_chunks] if len(model_chunks) > 1 else iter(batches)
     # Collective over the PP group (P2P of activations between stages).
-    outputs = get_forward_backward_func()(
+    schedule = get_forward_backward_func(pp_size=first.pp_group.size(),
+                                         vp_size=len(model_chunks) if len(model_chunks) > 1 else None)
+    outputs = schedule(
         forward_step_func=forward_step, data_iterator=iterators,
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0], num_microbatches=num_mb,
         seq_length=input_ids.shape[1], micro_batch_size=input_ids.shape[0] // num_mb, forward_only=True)

@@ -59,14 +59,14 @@ def build_layer_spec(use_te: bool | None = None):
     return _local_layer_spec()
 
 
-def _stage_flags(vp_stage: int | None) -> tuple[bool, bool]:
-    from megatron.core import parallel_state as mpu
+def _stage_flags(pp_group, vp_stage: int | None, num_chunks: int) -> tuple[bool, bool]:
+    """(holds the embedding, holds the output layer) for this PP rank's chunk ``vp_stage``."""
+    first_chunk = vp_stage is None or vp_stage == 0
+    last_chunk = vp_stage is None or vp_stage == num_chunks - 1
+    return (pp_group.rank() == 0 and first_chunk, pp_group.rank() == pp_group.size() - 1 and last_chunk)
 
-    return (mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
 
-
-def _block_spec(config, layer_spec, use_te: bool, vp_stage: int | None):
+def _block_spec(config, layer_spec, use_te: bool, vp_stage: int | None, pp_rank: int):
     """Block spec for this chunk's layers; the local final norm is the SP-aware torch RMSNorm."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -75,15 +75,16 @@ def _block_spec(config, layer_spec, use_te: bool, vp_stage: int | None):
 
     if use_te:
         return layer_spec  # TE: Megatron picks TENorm for the final norm
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=TorchRMSNorm)
 
 
 def build_qwen3_model(hf_config, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-                      use_te: bool | None = None) -> list:
+                      use_te: bool | None = None, pg_collection=None) -> list:
     """Build this rank's Qwen3 ``GPTModel`` chunks (one per virtual pipeline stage).
 
-    Needs ``platform.initialize_distributed(parallel)`` first. Weights are randomly initialised; load
+    Needs ``platform.initialize_distributed(parallel)`` first; ``pg_collection`` defaults to that call's
+    groups (``ParallelState.pg_collection``). Weights are randomly initialised; load
     HF weights with ``load_hf_weights`` or a checkpoint with ``load_checkpoint``.
 
     Returns:
@@ -92,6 +93,9 @@ def build_qwen3_model(hf_config, parallel: ParallelConfig, dtype: torch.dtype = 
     """
     from megatron.core.models.gpt import GPTModel
 
+    from megatron_opd.platform import default_pg_collection
+
+    pg_collection = pg_collection or default_pg_collection()
     config = to_transformer_config(hf_config, parallel, dtype)
     use_te = transformer_engine_available() if use_te is None else use_te
     spec = build_layer_spec(use_te)
@@ -99,13 +103,15 @@ def build_qwen3_model(hf_config, parallel: ParallelConfig, dtype: torch.dtype = 
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
-        pre, post = _stage_flags(vp_stage if vpp else None)
+        pre, post = _stage_flags(pg_collection.pp, vp_stage if vpp else None, vpp or 1)
         model = GPTModel(
-            config=config, transformer_layer_spec=_block_spec(config, spec, use_te, vp_stage if vpp else None),
+            config=config, transformer_layer_spec=_block_spec(
+                config, spec, use_te, vp_stage if vpp else None, pg_collection.pp.rank()),
             vocab_size=vocab,
             max_sequence_length=hf_config.max_position_embeddings, pre_process=pre, post_process=post,
             parallel_output=True, share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
-            position_embedding_type="rope", rotary_base=rope_theta(hf_config), vp_stage=vp_stage if vpp else None)
+            position_embedding_type="rope", rotary_base=rope_theta(hf_config), vp_stage=vp_stage if vpp else None,
+            pg_collection=pg_collection)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         model.real_vocab_size = hf_config.vocab_size

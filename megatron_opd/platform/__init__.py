@@ -5,9 +5,10 @@ from megatron_opd.platform.cpu_shim import apply_cpu_shim, cpu_shim_active
 from megatron_opd.platform.parallel import (
     ParallelConfig,
     ParallelState,
+    default_pg_collection,
     destroy_distributed,
     initialize_distributed,
 )
 
-__all__ = ["ParallelConfig", "ParallelState", "apply_cpu_shim", "cpu_shim_active", "destroy_distributed",
+__all__ = ["ParallelConfig", "ParallelState", "apply_cpu_shim", "cpu_shim_active", "default_pg_collection", "destroy_distributed",
            "initialize_distributed"]

@@ -157,7 +157,6 @@ def _set_seeds(cfg: ParallelConfig) -> None:
 
 def _build_state(cfg: ParallelConfig) -> ParallelState:
     from megatron.core import parallel_state as mpu
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     groups = dict(tp_group=mpu.get_tensor_model_parallel_group(), pp_group=mpu.get_pipeline_model_parallel_group(),
                   dp_group=mpu.get_data_parallel_group(), cp_group=mpu.get_context_parallel_group(),
@@ -169,8 +168,15 @@ def _build_state(cfg: ParallelConfig) -> ParallelState:
         tp_size=mpu.get_tensor_model_parallel_world_size(), pp_size=mpu.get_pipeline_model_parallel_world_size(),
         dp_size=mpu.get_data_parallel_world_size(), cp_size=mpu.get_context_parallel_world_size(),
         device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"),
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        pg_collection=default_pg_collection(),
     )
+
+
+def default_pg_collection():
+    """Megatron ``ProcessGroupCollection`` of the groups made by ``initialize_distributed``."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 def initialize_distributed(cfg: ParallelConfig) -> ParallelState:

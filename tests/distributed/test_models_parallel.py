@@ -6,6 +6,7 @@ padded columns, (b) ``gather_hf_state_dict`` equals the HF state dict bit for bi
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -81,6 +82,8 @@ def test_models_match_hf_at_tp2_sp_pp2_vpp2(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MEGATRON_OPD_SLOW") != "1",
+                    reason="4 processes: ~30 s alone, ~80 s on a loaded 2-core box; set MEGATRON_OPD_SLOW=1")
 def test_models_match_hf_at_tp2_pp2(tmp_path):
     run_spawned(_worker, 4, LAYOUTS_4, str(tmp_path), (False,))  # tied is covered at 2 ranks; 4 ranks cost ~10 s each
     results = _results(tmp_path, 4)
