@@ -199,6 +199,12 @@ class OPDConfig:
                      f"--minibatches-per-rollout = {obj.minibatches_per_rollout}")
         if obj.objective == "sft":
             _require(self.gate.granularity == "none", "--objective sft has no behaviour policy: set --gate none")
+        per_step = eng.prompts_per_rollout * (1 if obj.objective == "sft" else eng.samples_per_prompt)
+        _require(per_step % obj.minibatches_per_rollout == 0 and
+                 (per_step // obj.minibatches_per_rollout) % self.optim.micro_batch_size == 0,
+                 f"a minibatch of {per_step} / {obj.minibatches_per_rollout} sequences (--prompts-per-rollout × "
+                 f"--samples-per-prompt / --minibatches-per-rollout) must be a multiple of --micro-batch-size "
+                 f"{self.optim.micro_batch_size}")
         _require(self.data.data_path is not None, "set --data-path (a JSONL/Parquet file, a hub dataset, or 'toy')")
         _require(not (self.checkpoint.save_interval and not self.checkpoint.save),
                  "--save-interval needs --save DIR")

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,15 +84,15 @@ def quick_recipe() -> DemoRecipe:
         eval_problems=12, eval_n=4, train_problems=500)
 
 
-def write_toy_data(workdir: Path, recipe: DemoRecipe) -> tuple[Path, list[dict]]:
+def write_toy_data(workdir: Path, recipe: DemoRecipe) -> Path:
+    """Training problems as JSONL (the held-out problems are the eval harness's ``toy`` benchmark,
+    disjoint from every train split by construction)."""
     from megatron_opd.data.toy_task import generate_toy_problems
 
     train = generate_toy_problems(recipe.train_problems, seed=recipe.seed, split="train")
-    test = generate_toy_problems(recipe.eval_problems, seed=recipe.seed, split="test")
     path = workdir / "toy_train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in train))
-    (workdir / "toy_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
-    return path, test
+    return path
 
 
 def write_initial_model(out_dir: Path, shape: ModelShape, seed: int) -> Path:
@@ -169,11 +170,22 @@ def _advance(bar, metrics_file: Path, done: int) -> int:
     return max(current, done)
 
 
-def evaluate_model(model_dir: Path, problems: list[dict], n: int, seed: int, max_new_tokens: int) -> dict:
-    """pass@1 / pass@n of an HF model dir on toy problems (in-process sampler, temperature 1)."""
-    from megatron_opd.eval.toy import evaluate_toy
+def evaluate_model(model_dir: Path, out_dir: Path, recipe: DemoRecipe, max_new_tokens: int, pool) -> dict:
+    """pass@1 / pass@n of an HF model dir on the held-out toy problems (in-process sampler, T = 1)."""
+    from transformers import AutoTokenizer
 
-    return evaluate_toy(model_dir, problems, n=n, seed=seed, max_new_tokens=max_new_tokens)
+    from megatron_opd.eval.harness import evaluate
+    from megatron_opd.rollout import LocalRolloutEngine
+
+    shutil.rmtree(out_dir, ignore_errors=True)  # never resume generations of an older model
+    engine = LocalRolloutEngine(str(model_dir), seed=recipe.seed)
+    results = evaluate(engine, AutoTokenizer.from_pretrained(model_dir), benchmarks=("toy",), n=recipe.eval_n,
+                       ks=(1, recipe.eval_n), out_dir=str(out_dir), pool=pool, limit=recipe.eval_problems,
+                       temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=recipe.seed,
+                       show_progress=False)
+    metrics = results["benchmarks"]["toy"]["metrics"]
+    return {name: metrics[name]["value"] for name in ("pass@1", f"pass@{recipe.eval_n}")} | {
+        f"pass@{recipe.eval_n}_ci": [metrics[f"pass@{recipe.eval_n}"]["ci_low"], metrics[f"pass@{recipe.eval_n}"]["ci_high"]]}
 
 
 def _cached_train(name: str, out_dir: Path, flags: dict, recipe: DemoRecipe, workdir: Path, bar) -> float:
@@ -192,11 +204,11 @@ def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
 
     workdir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    data_path, test = write_toy_data(workdir, recipe)
+    data_path = write_toy_data(workdir, recipe)
     common = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
               "--log-interval": 10}
     sft = {**common, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
-           "--minibatches-per-rollout": 1, "--micro-batch-size": 64}
+           "--minibatches-per-rollout": 1}
     teacher_init = write_initial_model(cache_dir / f"teacher-init-{recipe.fingerprint('ti')}", recipe.teacher,
                                        recipe.seed)
     student_init = write_initial_model(cache_dir / f"student-init-{recipe.fingerprint('si')}", recipe.student,
@@ -208,22 +220,26 @@ def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
     times = {}
     with tqdm(total=total, desc="demo", unit="step", dynamic_ncols=True) as bar:
         times["teacher_sft"] = _cached_train(
-            "teacher_sft", teacher_dir, {**sft, **recipe.teacher_sft, "--student-hf": str(teacher_init)},
+            "teacher_sft", teacher_dir, {**sft, "--micro-batch-size": recipe.teacher_sft["--prompts-per-rollout"],
+                                         **recipe.teacher_sft, "--student-hf": str(teacher_init)},
             recipe, workdir, bar)
         times["student_sft"] = _cached_train(
-            "student_sft", student_dir, {**sft, **recipe.student_sft, "--student-hf": str(student_init)},
+            "student_sft", student_dir, {**sft, "--micro-batch-size": recipe.student_sft["--prompts-per-rollout"],
+                                         **recipe.student_sft, "--student-hf": str(student_init)},
             recipe, workdir, bar)
         opd_flags = {**common, **recipe.opd, "--student-hf": str(student_dir), "--teacher-hf": str(teacher_dir),
                      "--rollout-url": "local", "--teacher-url": "local", "--save-hf": str(after_dir)}
-        import shutil
-
         shutil.rmtree(after_dir, ignore_errors=True)
         times["opd"] = run_train(opd_flags, recipe.nproc, workdir / "run_opd", bar)
     start = time.time()
     max_new = int(recipe.opd.get("--max-new-tokens", 128))
-    results = {name: evaluate_model(path, test, recipe.eval_n, recipe.seed, max_new)
-               for name, path in (("teacher", teacher_dir), ("student before OPD", student_dir),
-                                  ("student after OPD", after_dir))}
+    from megatron_opd.eval.grading import GradingPool
+
+    with GradingPool(num_workers=2) as pool:
+        results = {name: evaluate_model(path, workdir / "eval" / slug, recipe, max_new, pool)
+                   for name, slug, path in (("teacher", "teacher", teacher_dir),
+                                            ("student before OPD", "before", student_dir),
+                                            ("student after OPD", "after", after_dir))}
     times["eval"] = time.time() - start
     return {"results": results, "times": times, "phase_times": _phase_times(workdir / "run_opd")}
 

@@ -33,7 +33,7 @@ def toy_models(tmp_path_factory):
     """(data path, student HF dir, teacher HF dir): random tiny Qwen3 models with the toy tokenizer."""
     root = tmp_path_factory.mktemp("toy_models")
     recipe = quick_recipe()
-    data_path, _ = write_toy_data(root, recipe)
+    data_path = write_toy_data(root, recipe)
     student = write_initial_model(root / "student", TINY, seed=1)
     teacher = write_initial_model(root / "teacher", TINY, seed=2)
     return data_path, student, teacher

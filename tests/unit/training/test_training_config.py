@@ -64,6 +64,7 @@ def test_flags_fill_the_sections():
     (["--lr-decay-style", "exponential"], "--lr-decay-style"),
     (["--logprob-source", "server"], "--logprob-source"),
     (["--max-bad-steps", "0"], "--max-bad-steps"),
+    (["--prompts-per-rollout", "4", "--samples-per-prompt", "2", "--micro-batch-size", "3"], "--micro-batch-size"),
 ])
 def test_invalid_settings_name_the_flag(extra, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):
