@@ -54,6 +54,7 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--minibatches-per-rollout": ("objective", "minibatches_per_rollout", None, "optimizer steps per pass"),
     "--logprob-source": ("objective", "logprob_source", None, "recompute | engine (behaviour log-probs)"),
     "--special-token-mask": ("objective", "special_token_mask", None, "auto | none | comma-separated ids"),
+    "--gate-span-delimiter": ("objective", "span_delimiter", None, "--gate span: spans end at tokens containing it"),
     # drift gate
     "--gate": ("gate", "granularity", None, "none | token | block | span | sequence"),
     "--gate-block-size": ("gate", "block_size", None, "tokens per block for --gate block"),

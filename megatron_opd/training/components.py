@@ -98,7 +98,7 @@ def build_components(cfg: OPDConfig, state: ParallelState) -> Components:
                             finalize_hook=lambda model: _rescale_grads(model, loss_holder[0], state))
     settings = LossSettings(objective=cfg.objective.objective, gate=cfg.gate, topk=cfg.objective.topk,
                             lsm_tail=cfg.objective.lsm_tail, ppo_clip=cfg.objective.ppo_clip,
-                            vocab_size=student.vocab_size)
+                            vocab_size=student.vocab_size, span_delimiter_ids=_span_delimiters(cfg, tokenizer))
     loss_holder.append(MicrobatchLoss(settings, state.tp_group, state.dp_cp_group))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if is_sft:
@@ -116,6 +116,18 @@ def build_components(cfg: OPDConfig, state: ParallelState) -> Components:
             pad_to_multiple=pad_multiple)
     return Components(student=student, loss=loss_holder[0], maker=maker, rollout_engine=rollout,
                       tokenizer=tokenizer, data_counts=counts, pad_multiple=pad_multiple)
+
+
+def _span_delimiters(cfg: OPDConfig, tokenizer) -> frozenset[int]:
+    """Ids whose text contains --gate-span-delimiter (decodes the vocab once)."""
+    if cfg.gate.granularity != "span":
+        return frozenset()
+    delimiter = cfg.objective.span_delimiter
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+    ids = frozenset(i for i, text in enumerate(texts) if delimiter in text)
+    if not ids:
+        raise ConfigError(f"--gate-span-delimiter {delimiter!r}: no token of the student tokenizer contains it")
+    return ids
 
 
 def _rescale_grads(model: list, loss: MicrobatchLoss, state: ParallelState) -> None:

@@ -83,6 +83,8 @@ class ObjectiveConfig:
     minibatches_per_rollout: int = 1
     logprob_source: str = "recompute"
     """recompute log π_old on the trainer (no train/inference mismatch) or take the engine's."""
+    span_delimiter: str = "\n"
+    """--gate span: a span ends at every token whose text contains this string (the paper: newline)."""
     special_token_mask: str = "auto"
     """Ids (comma separated) whose positions are dropped from the loss; auto = the student tokenizer's
     special and chat/think control tokens (EOS included, as the LSM paper does); none = keep all."""

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import objectives, ops
-from megatron_opd.gating import DriftGateConfig, drift_gates
+from megatron_opd.gating import DriftGateConfig, drift_gates, newline_span_ends
 from megatron_opd.training.experience import Experience
 
 
@@ -34,6 +34,8 @@ class LossSettings:
     ppo_clip: float | None = None
     vocab_size: int
     """Real (unpadded) vocabulary size."""
+    span_delimiter_ids: frozenset[int] = frozenset()
+    """Token ids that end a span (--gate span): by default every token whose text holds a newline."""
 
 
 @dataclass
@@ -131,8 +133,10 @@ class MicrobatchLoss:
         mask = mb.loss_mask
         per_pos, metrics = position_loss(self.settings, logits, mb, cur, self.tp_group)
         if mb.old_logprobs is not None and self.settings.gate.granularity != "none":
+            span_ends = (newline_span_ends(mb.response_ids, delimiter_ids=self.settings.span_delimiter_ids)
+                         if self.settings.gate.granularity == "span" else None)
             gates, gate_stats = drift_gates(cur.detach(), mb.old_logprobs, mask, self.gate_config,
-                                            dp_group=self.local_gate_norm_group)
+                                            span_ends=span_ends, dp_group=self.local_gate_norm_group)
         else:
             gates, gate_stats = torch.ones_like(cur), {}
         self.normalizer.add(gates, mask)

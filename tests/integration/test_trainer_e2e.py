@@ -18,6 +18,7 @@ MATRIX = {
     "sampled_block64": {"--objective": "sampled", "--gate": "block", "--gate-block-size": 64},
     "lsm_nogate": {"--objective": "lsm", "--gate": "none", "--topk": 8},
     "lsm_block64": {"--objective": "lsm", "--gate": "block", "--gate-block-size": 64, "--topk": 8},
+    "lsm_spans": {"--objective": "lsm", "--gate": "span", "--gate-span-delimiter": ";", "--topk": 8},
 }
 
 
@@ -55,7 +56,7 @@ def test_runs_and_writes_metrics(matrix_runs, name):
         assert all(0 < r["teacher_topk_mass"] <= 1 and 0 <= r["topk_overlap"] <= 1 for r in rows)
 
 
-@pytest.mark.parametrize("name", ["sampled_block64", "lsm_block64"])
+@pytest.mark.parametrize("name", ["sampled_block64", "lsm_block64", "lsm_spans"])
 def test_gates_are_one_on_first_update_and_act_on_reuse(matrix_runs, name):
     rows = step_rows(read_metrics(matrix_runs / name))
     for row in rows:

@@ -22,7 +22,7 @@ def test_flag_set_is_frozen():
         "--adam-beta2", "--train-iters", "--micro-batch-size", "--seed", "--save", "--save-interval", "--keep-last",
         "--load", "--save-hf", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
         "--minibatches-per-rollout", "--logprob-source", "--special-token-mask", "--gate", "--gate-block-size",
-        "--gate-tau", "--gate-aggregation", "--gate-fn", "--gate-clip-eps", "--gate-normalization", "--gate-clip-range",
+        "--gate-tau", "--gate-aggregation", "--gate-fn", "--gate-clip-eps", "--gate-normalization", "--gate-clip-range", "--gate-span-delimiter",
         "--gate-residual-alpha", "--rollout-url", "--teacher-url", "--prompts-per-rollout", "--samples-per-prompt",
         "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--data-path", "--prompt-field",
         "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
