@@ -98,6 +98,27 @@ def _patch_megatron_rng() -> None:
            "Megatron's own CUDA RNG setter writes through torch._C CUDA calls")
 
 
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Megatron's ``clip_grad_by_total_norm_fp32`` minus its ``torch.cuda.FloatTensor`` assert: scale every
+    gradient in place by max_norm / (total_norm + 1e-6) when that is < 1."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def _patch_megatron_optimizer() -> None:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    for module in (clip_grads, mcore_optimizer):
+        _patch(module, "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_cpu,
+               "gradient clipping asserts grads are torch.cuda.FloatTensor")
+
+
 def apply_cpu_shim() -> bool:
     """Apply every CPU patch once. Idempotent; a no-op when CUDA is available.
 
@@ -111,6 +132,7 @@ def apply_cpu_shim() -> bool:
         return True
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_optimizer()
     # ~30 places in Megatron hard-code device="cuda"; one process-wide mode maps them to the CPU
     # (measured overhead ~2%).
     _DEVICE_MODE = _CudaToCpuMode()

@@ -1,6 +1,7 @@
 """Platform layer: ParallelConfig validation, device mapping of the CPU shim, and a single-process
-``initialize_distributed`` (no torchrun env) that runs a TP=1 model against HF — in a child process, so the
-shim's process-wide patches never leak into the pytest process."""
+``initialize_distributed`` (no torchrun env) that runs a TP=1 model against HF, one Megatron DDP + optimizer
+step (grad clipping through the shim) and an optimizer/scheduler checkpoint round trip — in a child process,
+so the shim's process-wide patches never leak into the pytest process."""
 
 import json
 import os
@@ -63,6 +64,38 @@ try:
     forward_logits(chunks, ids, position_ids=torch.arange(7).flip(0).expand(3, 7))
 except ValueError as err:
     out["pos_error"] = str(err)
+
+# Megatron DDP + optimizer (grad clipping goes through the shim) + scheduler, saved and loaded.
+import tempfile
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron_opd.models import causal_attention_mask, save_checkpoint, load_checkpoint
+def trainer():
+    chunks = build_qwen3_model(hf.config, state.config)
+    load_hf_weights(chunks, hf.state_dict(), hf.config)
+    ddp = [DistributedDataParallel(c.config, DistributedDataParallelConfig(), c) for c in chunks]
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1e-3), ddp)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=1e-3, min_lr=0.0, lr_warmup_steps=2,
+        lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0, wd_incr_steps=10,
+        wd_incr_style="constant")
+    return ddp, opt, sched
+ddp, opt, sched = trainer()
+loss = ddp[0](input_ids=ids, position_ids=torch.arange(7).expand(3, 7), attention_mask=causal_attention_mask(7))
+loss.float().pow(2).mean().backward()
+_, grad_norm, _ = opt.step()
+sched.step(1)
+out["grad_norm"] = grad_norm
+ckpt = tempfile.mkdtemp() + "/ckpt"
+save_checkpoint(ckpt, ddp, opt, sched, extra_state={"iteration": 1})
+ddp2, opt2, sched2 = trainer()
+out["extra"] = load_checkpoint(ckpt, ddp2, opt2, sched2)
+pairs = list(zip(opt.optimizer.param_groups[0]["params"], opt2.optimizer.param_groups[0]["params"]))
+out["params_equal"] = all(torch.equal(a, b) for a, b in pairs)
+out["adam_equal"] = all(torch.equal(opt.optimizer.state[a][k], opt2.optimizer.state[b][k])
+                        for a, b in pairs for k in ("exp_avg", "exp_avg_sq"))
+out["moved"] = not torch.equal(pairs[0][0], hf.state_dict()["model.embed_tokens.weight"])
+out["sched_steps"] = sched2.num_steps
 destroy_distributed()
 destroy_distributed()
 print("RESULT" + json.dumps(out))
@@ -82,3 +115,18 @@ def test_single_process_initialisation_runs_a_model():
     assert out["err"] < 1e-4 and out["pad_is_neg_inf"]
     assert (out["real_vocab"], out["padded_vocab"]) == (99, 128)
     assert "position_ids must be None or arange(seq)" in out["pos_error"]
+    assert out["grad_norm"] > 1e-3 and out["moved"]  # clipping was active
+    assert out["extra"] == {"iteration": 1} and out["params_equal"] and out["adam_equal"]
+    assert out["sched_steps"] == 1
+
+
+def test_cpu_grad_clipping_scales_only_above_max_norm():
+    from megatron_opd.platform.cpu_shim import _clip_grad_by_total_norm_cpu
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    _clip_grad_by_total_norm_cpu(params, max_norm=1.0, total_norm=4.0)
+    assert all(torch.allclose(p.grad, torch.full_like(p, 2.0 / (4.0 + 1e-6))) for p in params)
+    _clip_grad_by_total_norm_cpu(params, max_norm=10.0, total_norm=4.0)
+    assert all(torch.allclose(p.grad, torch.full_like(p, 2.0 / (4.0 + 1e-6))) for p in params)
