@@ -66,8 +66,12 @@ class DemoRecipe:
     nproc: int = 2
     seed: int = 1234
 
-    def fingerprint(self, *parts: str) -> str:
-        blob = json.dumps([dataclasses.asdict(self), parts], sort_keys=True, default=str)
+    def fingerprint(self, role: str, stage: str = "sft") -> str:
+        """Cache key of a teacher/student: only what determines it (shape, its SFT, data, seed)."""
+        shape = getattr(self, role)
+        sft = getattr(self, f"{role}_sft") if stage == "sft" else None
+        blob = json.dumps([role, stage, dataclasses.asdict(shape), sft, self.train_problems, self.seed, self.nproc],
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -170,24 +174,6 @@ def _advance(bar, metrics_file: Path, done: int) -> int:
     return max(current, done)
 
 
-def evaluate_model(model_dir: Path, out_dir: Path, recipe: DemoRecipe, max_new_tokens: int, pool) -> dict:
-    """pass@1 / pass@n of an HF model dir on the held-out toy problems (in-process sampler, T = 1)."""
-    from transformers import AutoTokenizer
-
-    from megatron_opd.eval.harness import evaluate
-    from megatron_opd.rollout import LocalRolloutEngine
-
-    shutil.rmtree(out_dir, ignore_errors=True)  # never resume generations of an older model
-    engine = LocalRolloutEngine(str(model_dir), seed=recipe.seed)
-    results = evaluate(engine, AutoTokenizer.from_pretrained(model_dir), benchmarks=("toy",), n=recipe.eval_n,
-                       ks=(1, recipe.eval_n), out_dir=str(out_dir), pool=pool, limit=recipe.eval_problems,
-                       temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=recipe.seed,
-                       show_progress=False)
-    metrics = results["benchmarks"]["toy"]["metrics"]
-    return {name: metrics[name]["value"] for name in ("pass@1", f"pass@{recipe.eval_n}")} | {
-        f"pass@{recipe.eval_n}_ci": [metrics[f"pass@{recipe.eval_n}"]["ci_low"], metrics[f"pass@{recipe.eval_n}"]["ci_high"]]}
-
-
 def _cached_train(name: str, out_dir: Path, flags: dict, recipe: DemoRecipe, workdir: Path, bar) -> float:
     """Train unless ``out_dir`` (an HF export) already exists; returns the wall seconds spent."""
     if (out_dir / "config.json").exists():
@@ -199,47 +185,63 @@ def _cached_train(name: str, out_dir: Path, flags: dict, recipe: DemoRecipe, wor
     return seconds
 
 
-def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
+def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None) -> tuple[Path, Path, Path]:
+    """(teacher dir, student dir, training data): SFT of both from random init, cached by recipe."""
     from tqdm import tqdm
 
     workdir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     data_path = write_toy_data(workdir, recipe)
-    common = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
-              "--log-interval": 10}
-    sft = {**common, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
+    sft = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
+           "--log-interval": 10, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
            "--minibatches-per-rollout": 1}
-    teacher_init = write_initial_model(cache_dir / f"teacher-init-{recipe.fingerprint('ti')}", recipe.teacher,
-                                       recipe.seed)
-    student_init = write_initial_model(cache_dir / f"student-init-{recipe.fingerprint('si')}", recipe.student,
-                                       recipe.seed + 1)
-    teacher_dir = cache_dir / f"teacher-{recipe.fingerprint('teacher')}"
-    student_dir = cache_dir / f"student-{recipe.fingerprint('student')}"
+    own_bar = bar is None
+    bar = bar or tqdm(total=int(recipe.teacher_sft["--train-iters"]) + int(recipe.student_sft["--train-iters"]),
+                      desc="sft", unit="step", dynamic_ncols=True)
+    dirs = []
+    for role, shape, phase, seed in (("teacher", recipe.teacher, recipe.teacher_sft, recipe.seed),
+                                     ("student", recipe.student, recipe.student_sft, recipe.seed + 1)):
+        init = write_initial_model(cache_dir / f"{role}-init-{recipe.fingerprint(role, 'init')}", shape, seed)
+        out = cache_dir / f"{role}-{recipe.fingerprint(role)}"
+        flags = {**sft, "--micro-batch-size": phase["--prompts-per-rollout"], **phase, "--student-hf": str(init)}
+        _cached_train(f"{role}_sft", out, flags, recipe, workdir, bar)
+        dirs.append(out)
+    if own_bar:
+        bar.close()
+    return dirs[0], dirs[1], data_path
+
+
+def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
+    from tqdm import tqdm
+
+    from megatron_opd.eval.grading import GradingPool
+    from megatron_opd.eval.variants import evaluate_hf_dir
+
     after_dir = workdir / "student_after_opd"
     total = sum(int(p["--train-iters"]) for p in (recipe.teacher_sft, recipe.student_sft, recipe.opd))
-    times = {}
+    start = time.time()
     with tqdm(total=total, desc="demo", unit="step", dynamic_ncols=True) as bar:
-        times["teacher_sft"] = _cached_train(
-            "teacher_sft", teacher_dir, {**sft, "--micro-batch-size": recipe.teacher_sft["--prompts-per-rollout"],
-                                         **recipe.teacher_sft, "--student-hf": str(teacher_init)},
-            recipe, workdir, bar)
-        times["student_sft"] = _cached_train(
-            "student_sft", student_dir, {**sft, "--micro-batch-size": recipe.student_sft["--prompts-per-rollout"],
-                                         **recipe.student_sft, "--student-hf": str(student_init)},
-            recipe, workdir, bar)
-        opd_flags = {**common, **recipe.opd, "--student-hf": str(student_dir), "--teacher-hf": str(teacher_dir),
+        teacher_dir, student_dir, data_path = prepare_models(recipe, workdir, cache_dir, bar)
+        times = {"sft (teacher + student)": time.time() - start}
+        opd_flags = {**recipe.opd, "--data-path": str(data_path), "--seed": recipe.seed,
+                     "--tensor-model-parallel-size": recipe.nproc, "--log-interval": 10,
+                     "--student-hf": str(student_dir), "--teacher-hf": str(teacher_dir),
                      "--rollout-url": "local", "--teacher-url": "local", "--save-hf": str(after_dir)}
         shutil.rmtree(after_dir, ignore_errors=True)
         times["opd"] = run_train(opd_flags, recipe.nproc, workdir / "run_opd", bar)
     start = time.time()
     max_new = int(recipe.opd.get("--max-new-tokens", 128))
-    from megatron_opd.eval.grading import GradingPool
-
     with GradingPool(num_workers=2) as pool:
-        results = {name: evaluate_model(path, workdir / "eval" / slug, recipe, max_new, pool)
-                   for name, slug, path in (("teacher", "teacher", teacher_dir),
-                                            ("student before OPD", "before", student_dir),
-                                            ("student after OPD", "after", after_dir))}
+        results = {}
+        for name, slug, path in (("teacher", "teacher", teacher_dir), ("student before OPD", "before", student_dir),
+                                 ("student after OPD", "after", after_dir)):
+            res = evaluate_hf_dir(path, workdir / "eval" / slug, benchmarks=("toy",), n=recipe.eval_n,
+                                  seed=recipe.seed, limit=recipe.eval_problems, max_new_tokens=max_new,
+                                  data_dir=None, pool=pool)
+            metrics = res["benchmarks"]["toy"]["metrics"]
+            results[name] = {k: metrics[k]["value"] for k in ("pass@1", f"pass@{recipe.eval_n}")}
+            results[name]["ci"] = [metrics[f"pass@{recipe.eval_n}"]["ci_low"],
+                                   metrics[f"pass@{recipe.eval_n}"]["ci_high"]]
     times["eval"] = time.time() - start
     return {"results": results, "times": times, "phase_times": _phase_times(workdir / "run_opd")}
 

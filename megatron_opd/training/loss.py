@@ -72,46 +72,56 @@ def response_view(full: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return full.gather(1, index.expand(*positions.shape, *full.shape[2:]))
 
 
-def student_logprobs(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int):
-    """Current log π_θ(y_t) and entropy on the response positions, both [b, T]."""
+@dataclass
+class StudentView:
+    """What the losses need from the student's logits, response-aligned: all [b, T] except
+    ``at_support`` [b, T, K+1] (logits at the teacher's top-K ids, then at the sampled id)."""
+
+    logprobs: torch.Tensor
+    entropy: torch.Tensor
+    log_normalizer: torch.Tensor
+    at_support: torch.Tensor | None = None
+
+
+def student_view(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int, with_support: bool) -> StudentView:
+    """One pass over the (vocab-sharded) logits [b, S, V/tp]: log π(y_t), entropy, log Z and, for
+    LSM, the logits at the teacher's support. A single autograd node, so a single logits-sized
+    gradient buffer."""
     labels = torch.roll(mb.input_ids, shifts=-1, dims=1)  # position p predicts token p + 1
     labels[:, -1] = 0  # the last position predicts nothing; 0 is always a valid id
-    logprobs, entropy = ops.vocab_parallel_logprobs_and_entropy(logits, labels, group=tp_group,
-                                                                 vocab_size=vocab_size)
     positions = mb.response_positions()
-    return response_view(logprobs, positions), response_view(entropy, positions)
+    support_full = None
+    if with_support:
+        support = torch.cat([mb.teacher_topk_ids, mb.response_ids.unsqueeze(-1)], dim=-1)  # (b, T, K+1)
+        support_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long)  # (b, S, K+1)
+        support_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)
+    stats = ops.vocab_parallel_stats(logits, labels, gather_ids=support_full, group=tp_group, vocab_size=vocab_size)
+    return StudentView(logprobs=response_view(stats.logprobs, positions),
+                       entropy=response_view(stats.entropy, positions),
+                       log_normalizer=response_view(stats.log_normalizer, positions),
+                       at_support=None if support_full is None else response_view(stats.gathered_logits, positions))
 
 
-def lsm_student_logits(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int) -> torch.Tensor:
-    """Student logits at the teacher's top-K ids and, last, at the sampled id: [b, T, K+1]."""
-    support = torch.cat([mb.teacher_topk_ids, mb.response_ids.unsqueeze(-1)], dim=-1)
-    positions = mb.response_positions()
-    ids_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long)  # (b, S, K+1)
-    ids_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)
-    gathered = ops.vocab_parallel_gather(logits, ids_full, group=tp_group, vocab_size=vocab_size)
-    return response_view(gathered, positions)
-
-
-def position_loss(settings: LossSettings, logits, mb: Experience, cur_logprobs, tp_group):
+def position_loss(settings: LossSettings, view: StudentView, mb: Experience):
     """ℓ_t [b, T] of the configured objective, plus objective-specific metric tensors."""
     if settings.objective == "sft":
-        return -cur_logprobs, {}
+        return -view.logprobs, {}
     if settings.objective == "sampled":
-        return objectives.sampled_token_opd_loss(cur_logprobs, mb.old_logprobs, mb.teacher_logprobs,
+        return objectives.sampled_token_opd_loss(view.logprobs, mb.old_logprobs, mb.teacher_logprobs,
                                                  clip_eps=settings.ppo_clip, return_metrics=True)
-    student_at = lsm_student_logits(logits, mb, tp_group, settings.vocab_size)
-    # log Z of the student from the sampled slot: logit(y_t) − log π(y_t); for the top-K mass metric.
-    log_normalizer = (student_at[..., -1] - cur_logprobs).detach()
-    loss, metrics = objectives.topk_lsm_loss(
-        student_at if settings.lsm_tail else student_at[..., :-1], mb.teacher_topk_logprobs, mask=mb.loss_mask,
-        sampled_ids=mb.response_ids, teacher_topk_ids=mb.teacher_topk_ids,
-        teacher_sampled_logprobs=mb.teacher_logprobs, student_log_normalizer=log_normalizer, return_metrics=True)
+    return objectives.topk_lsm_loss(
+        view.at_support if settings.lsm_tail else view.at_support[..., :-1], mb.teacher_topk_logprobs,
+        mask=mb.loss_mask, sampled_ids=mb.response_ids, teacher_topk_ids=mb.teacher_topk_ids,
+        teacher_sampled_logprobs=mb.teacher_logprobs, student_log_normalizer=view.log_normalizer,
+        return_metrics=True)
+
+
+def topk_overlap_metric(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int) -> torch.Tensor:
+    """|student top-K ∩ teacher top-K| / K per position [b, T] (one more, gradient-free pass)."""
     with torch.no_grad():
-        _, student_top_ids = ops.vocab_parallel_topk(logits.detach(), mb.teacher_topk_ids.shape[-1], group=tp_group,
-                                                     vocab_size=settings.vocab_size)
-        student_top_ids = response_view(student_top_ids, mb.response_positions())
-        metrics["topk_overlap"] = objectives.topk_overlap(student_top_ids, mb.teacher_topk_ids)
-    return loss, metrics
+        _, student_top = ops.vocab_parallel_topk(logits.detach(), mb.teacher_topk_ids.shape[-1], group=tp_group,
+                                                 vocab_size=vocab_size)
+        return objectives.topk_overlap(response_view(student_top, mb.response_positions()), mb.teacher_topk_ids)
 
 
 class MicrobatchLoss:
@@ -129,9 +139,12 @@ class MicrobatchLoss:
 
     def __call__(self, mb: Experience, output_tensor: torch.Tensor):
         logits = output_tensor  # (b, S, V/tp)
-        cur, entropy = student_logprobs(logits, mb, self.tp_group, self.settings.vocab_size)
-        mask = mb.loss_mask
-        per_pos, metrics = position_loss(self.settings, logits, mb, cur, self.tp_group)
+        is_lsm = self.settings.objective == "lsm"
+        view = student_view(logits, mb, self.tp_group, self.settings.vocab_size, with_support=is_lsm)
+        cur, entropy, mask = view.logprobs, view.entropy, mb.loss_mask
+        per_pos, metrics = position_loss(self.settings, view, mb)
+        if is_lsm:
+            metrics["topk_overlap"] = topk_overlap_metric(logits, mb, self.tp_group, self.settings.vocab_size)
         if mb.old_logprobs is not None and self.settings.gate.granularity != "none":
             span_ends = (newline_span_ends(mb.response_ids, delimiter_ids=self.settings.span_delimiter_ids)
                          if self.settings.gate.granularity == "span" else None)

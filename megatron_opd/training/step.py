@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_opd.platform import ParallelState
 from megatron_opd.training.experience import Experience
-from megatron_opd.training.loss import MicrobatchLoss, student_logprobs
+from megatron_opd.training.loss import MicrobatchLoss, student_view
 
 
 def causal_mask(seq_len: int, device) -> torch.Tensor:
@@ -138,7 +138,7 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
     out = torch.zeros(exp.response_ids.shape, dtype=torch.float32)
 
     def logprob_only(mb, output_tensor):
-        cur, _ = student_logprobs(output_tensor, mb, loss_tp_group, student.vocab_size)
+        cur = student_view(output_tensor, mb, loss_tp_group, student.vocab_size, with_support=False).logprobs
         return output_tensor.new_zeros(()), mb.loss_mask.sum().to(torch.int), {"logprobs": cur.detach().float()}
 
     loss_tp_group = state.tp_group
