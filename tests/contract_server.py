@@ -424,3 +424,19 @@ def _make_router_handler(router: ContractRouter):
 
 def start_contract_server(model, **kwargs) -> ContractServer:
     return ContractServer(model, **kwargs).start()
+
+
+class single_thread_torch:  # noqa: N801 - used as a context manager / fixture helper
+    """Context manager: one torch intra-op thread while a contract server runs in this process.
+
+    With more, OpenMP workers spin against the server's HTTP threads and the client's event loop
+    (measured 5-20x slower on 2 shared cores), which also makes client timeouts flaky.
+    """
+
+    def __enter__(self):
+        self.saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.saved)

@@ -10,8 +10,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 import check_sglang  # noqa: E402
-from contract_server import start_contract_server  # noqa: E402
+from contract_server import single_thread_torch, start_contract_server  # noqa: E402
 from sglang_contract.tiny import tiny_qwen3  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with single_thread_torch():
+        yield
 
 
 @pytest.fixture(scope="module")

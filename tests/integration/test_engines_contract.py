@@ -8,13 +8,20 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contract_server import ContractRouter, start_contract_server  # noqa: E402
+from contract_server import ContractRouter, single_thread_torch, start_contract_server  # noqa: E402
 from sglang_contract.tiny import reference_logprobs, tiny_qwen3  # noqa: E402
 
 from megatron_opd.rollout import LocalRolloutEngine, SamplingParams  # noqa: E402
 from megatron_opd.rollout.sglang_client import SGLangRolloutEngine  # noqa: E402
 from megatron_opd.teacher import LocalTeacher  # noqa: E402
 from megatron_opd.teacher.sglang import SGLangTeacher  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with single_thread_torch():
+        yield
+
 
 VOCAB = 60
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [20]]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contract_server import start_contract_server  # noqa: E402
+from contract_server import single_thread_torch, start_contract_server  # noqa: E402
 from sglang_contract.tiny import reference_logprobs, tiny_qwen3  # noqa: E402
 
 from megatron_opd.rollout import LocalRolloutEngine, SamplingParams  # noqa: E402
@@ -17,6 +17,12 @@ from megatron_opd.rollout.sglang_http import SGLangError  # noqa: E402
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11]]
 PARAMS = SamplingParams(temperature=1.0, max_new_tokens=10, n=2, seed=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    with single_thread_torch():
+        yield
 
 
 def _probe(model):
