@@ -7,8 +7,10 @@ The objective, engines and batch source are chosen here, so the loop itself has 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from megatron_opd.data.prompts import load_prompts
 from megatron_opd.platform import ParallelState
@@ -65,8 +67,6 @@ def sampling_params(cfg: OPDConfig, tokenizer) -> SamplingParams:
 
 def _hf_weights(cfg: OPDConfig) -> dict | None:
     """Initial student weights from --student-hf when it holds safetensors and --load is not given."""
-    from pathlib import Path
-
     if cfg.checkpoint.load or not list(Path(cfg.model.student_hf).glob("*.safetensors")):
         return None
     from megatron_opd.models import read_hf_checkpoint
@@ -78,8 +78,11 @@ def _engines(cfg: OPDConfig, student: Student, tokenizer):
     from megatron_opd.rollout import build_rollout_engine
     from megatron_opd.teacher import build_teacher_engine
 
+    remote = cfg.engines.rollout_url.startswith(("http://", "https://"))
+    # SGLang reloads weights from HF safetensors on a path every server can read (the run dir).
+    options = {"weight_sync_dir": str(Path(cfg.log.run_dir) / "weight_sync")} if remote else {}
     rollout = build_rollout_engine(cfg.engines.rollout_url, hf_config=student.hf_config,
-                                   vocab_size=student.vocab_size, seed=cfg.optim.seed)
+                                   vocab_size=student.vocab_size, seed=cfg.optim.seed, **options)
     teacher = build_teacher_engine(cfg.engines.teacher_url, model_dir=cfg.model.teacher_hf,
                                    vocab_size=student.vocab_size, temperature=cfg.engines.teacher_temperature)
     return rollout, teacher
@@ -132,8 +135,6 @@ def _span_delimiters(cfg: OPDConfig, tokenizer) -> frozenset[int]:
 
 def _rescale_grads(model: list, loss: MicrobatchLoss, state: ParallelState) -> None:
     """Exact mean gate normalisation over the whole step: scale grads by Σm / Σmg (see loss.py)."""
-    import torch.distributed as dist
-
     last_rank = dist.get_process_group_ranks(state.pp_group)[-1]
     scale = loss.normalizer.scale(state.pp_group, state.dp_cp_group, last_rank)
     loss.step_gate_scale = scale
@@ -147,7 +148,14 @@ def sync_weights(components: Components) -> None:
     if components.rollout_engine is None:
         return
     from megatron_opd.models import gather_hf_state_dict
+    from megatron_opd.rollout import LocalRolloutEngine
 
+    engine = components.rollout_engine
     state_dict = gather_hf_state_dict(components.student.unwrapped(), components.student.hf_config)
-    with torch.no_grad():
-        components.rollout_engine.update_weights(state_dict)
+    if isinstance(engine, LocalRolloutEngine):  # every rank holds its own in-process engine
+        with torch.no_grad():
+            engine.update_weights(state_dict)
+        return
+    if dist.get_rank() == 0:  # one writer for the shared servers
+        engine.update_weights(state_dict)
+    dist.barrier()  # collective: no rank samples before the servers hold the new weights

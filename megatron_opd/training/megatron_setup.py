@@ -64,24 +64,8 @@ def _finalize(megatron_finalize, hook, model, num_tokens=None, **kwargs):
         hook(model)
 
 
-def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """Megatron's clip asserts CUDA grad tensors; on CPU scale the grads in place the same way."""
-    coeff = max_norm / (total_norm + 1.0e-6)
-    if coeff < 1.0:
-        for param in parameters:
-            grad = getattr(param, "decoupled_grad", None) if use_decoupled_grad else param.grad
-            if grad is not None:
-                grad.mul_(coeff)
-
-
 def _build_optimizer(cfg: OPDConfig, model: list):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer import optimizer as megatron_optimizer_module
-
-    from megatron_opd.platform import cpu_shim_active
-
-    if cpu_shim_active():
-        megatron_optimizer_module.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
 
     opt = cfg.optim
     config = OptimizerConfig(optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
