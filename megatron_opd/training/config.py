@@ -210,6 +210,9 @@ class OPDConfig:
         _require(self.data.data_path is not None, "set --data-path (a JSONL/Parquet file, a hub dataset, or 'toy')")
         _require(not (self.checkpoint.save_interval and not self.checkpoint.save),
                  "--save-interval needs --save DIR")
+        _require(not self.log.eval_interval or (self.log.eval_benchmarks and obj.objective != "sft"),
+                 "--eval-interval needs --eval-benchmarks (e.g. toy or aime24,aime25,math500,amc23) and an OPD "
+                 "objective (it evaluates the rollout engine)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ no rollout data: the next batch is a pure function of the batch index and the se
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +19,7 @@ from megatron_opd.training.config import OPDConfig
 from megatron_opd.training.metrics import MetricsLogger, derive_step_metrics
 from megatron_opd.training.run_dir import prepare_run_dir
 from megatron_opd.training.step import recompute_logprobs, train_step
+from megatron_opd.versions import check_versions
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,6 +49,7 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
     """The loop on an already initialised ``state`` (several runs can share one process group)."""
     if state.rank == 0:
         prepare_run_dir(cfg)  # the effective config, written before anything can fail
+        check_versions()  # warns (does not stop) when installed versions differ from the pins
     run = build_components(cfg, state)
     step, batch_index, bad_in_a_row = _resume(cfg, run)
     sync_weights(run)  # the rollout engine starts from the trainer's weights
@@ -88,7 +91,8 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
         batch_index += 1
         log.log(step, {"time_sync": time.perf_counter() - t_sync, "time_iteration": time.perf_counter() - t0},
                 summary=False)
-        _maybe_checkpoint(cfg, run, step, batch_index, bad_in_a_row, final=step >= cfg.optim.train_iters)
+        _maybe_checkpoint(cfg, run, step, batch_index, bad_in_a_row, steps_this_batch=update)
+        _maybe_evaluate(cfg, run, state, step, log, steps_this_batch=update)
     _maybe_export_hf(cfg, run, state)
     log.close()
     return metrics
@@ -114,15 +118,35 @@ def _resume(cfg: OPDConfig, run: Components) -> tuple[int, int, int]:
     return trainer_state["step"], trainer_state["batch_index"], trainer_state["bad_in_a_row"]
 
 
-def _maybe_checkpoint(cfg: OPDConfig, run: Components, step: int, batch_index: int, bad: int, final: bool) -> None:
+def _maybe_checkpoint(cfg: OPDConfig, run: Components, step: int, batch_index: int, bad: int,
+                      steps_this_batch: int) -> None:
+    """Save at the end, and at the rollout boundary where the step count crosses a --save-interval multiple."""
     ckpt = cfg.checkpoint
     if not ckpt.save:
         return
-    steps_per_batch = cfg.objective.epochs_per_rollout * cfg.objective.minibatches_per_rollout
-    due = ckpt.save_interval and (step // steps_per_batch) % max(ckpt.save_interval // steps_per_batch, 1) == 0
-    if final or due:
+    interval = ckpt.save_interval
+    crossed = interval and step // interval != (step - steps_this_batch) // interval
+    if step >= cfg.optim.train_iters or crossed:
         save_run_checkpoint(ckpt.save, step, run.student,
                             {"step": step, "batch_index": batch_index, "bad_in_a_row": bad}, ckpt.keep_last)
+
+
+def _maybe_evaluate(cfg: OPDConfig, run: Components, state: ParallelState, step: int, log: MetricsLogger,
+                    steps_this_batch: int) -> None:
+    """Every --eval-interval steps (at rollout boundaries): pass@k of the synced rollout engine, rank 0."""
+    interval = cfg.log.eval_interval
+    if not interval or run.rollout_engine is None or step // interval == (step - steps_this_batch) // interval:
+        return
+    if state.rank == 0:
+        from megatron_opd.eval.harness import evaluate
+
+        n = cfg.log.eval_n
+        results = evaluate(run.rollout_engine, run.tokenizer, benchmarks=cfg.log.eval_benchmarks, n=n, ks=(1, n),
+                           out_dir=str(Path(cfg.log.run_dir) / "eval" / f"step{step:07d}"), show_progress=False,
+                           max_new_tokens=cfg.engines.max_new_tokens)
+        mean = results["mean"]["metrics"]
+        log.log(step, {f"eval_{k}": v["value"] for k, v in mean.items()}, summary=True)
+    torch.distributed.barrier()  # collective: the other ranks wait for rank 0's evaluation
 
 
 def _maybe_export_hf(cfg: OPDConfig, run: Components, state: ParallelState) -> None:
