@@ -64,7 +64,7 @@ def build_rollout_engine(url_or_local, *, vocab_size: int | None = None, seed: i
     if isinstance(url_or_local, str) and url_or_local.startswith(("http://", "https://")):
         from megatron_opd.rollout.sglang_client import SGLangRolloutEngine
 
-        return SGLangRolloutEngine(url_or_local, seed=seed, hf_config=hf_config, **options)
+        return SGLangRolloutEngine(url_or_local, seed=seed, hf_config=hf_config, vocab_size=vocab_size, **options)
     from megatron_opd.rollout.local import LocalRolloutEngine
 
     if isinstance(url_or_local, str) and url_or_local == "local":

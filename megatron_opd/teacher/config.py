@@ -44,7 +44,7 @@ def build_teacher_engine(url_or_local, *, vocab_size: int | None = None, tempera
     if isinstance(url_or_local, str) and url_or_local.startswith(("http://", "https://")):
         from megatron_opd.teacher.sglang import SGLangTeacher
 
-        return SGLangTeacher(url_or_local, temperature=temperature, **options)
+        return SGLangTeacher(url_or_local, temperature=temperature, vocab_size=vocab_size, **options)
     if isinstance(url_or_local, str) and url_or_local == "local":
         url_or_local = model if model is not None else model_dir
         if url_or_local is None:
