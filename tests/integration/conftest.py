@@ -39,5 +39,11 @@ def toy_models(tmp_path_factory):
     return data_path, student, teacher
 
 
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One cache of the quick demo's SFT teacher/student, shared by the demo and variants tests."""
+    return tmp_path_factory.mktemp("demo_cache")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -14,8 +14,8 @@ def run_demo(workdir, cache):
                            "--cache-dir", str(cache)], capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_quick_demo_end_to_end(tmp_path):
-    proc = run_demo(tmp_path / "run", tmp_path / "cache")
+def test_quick_demo_end_to_end(tmp_path, demo_cache):
+    proc = run_demo(tmp_path / "run", demo_cache)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| student after OPD |" in proc.stdout and "| teacher |" in proc.stdout
     summary = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -27,6 +27,6 @@ def test_quick_demo_end_to_end(tmp_path):
     assert any("gate_mean" in row for row in opd_steps)
     assert (tmp_path / "run" / "student_after_opd" / "config.json").exists()
     # Second run: teacher and student SFT come from the cache.
-    again = run_demo(tmp_path / "run2", tmp_path / "cache")
+    again = run_demo(tmp_path / "run2", demo_cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "teacher_sft: cached" in again.stderr + again.stdout
