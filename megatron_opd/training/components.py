@@ -32,13 +32,13 @@ class Components:
     pad_multiple: int
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, flag: str = "--student-hf"):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as err:  # noqa: BLE001 - re-raised naming the directory
-        raise ConfigError(f"--student-hf {path}: cannot load a tokenizer from it ({err})") from err
+        raise ConfigError(f"{flag} {path}: cannot load a tokenizer from it ({err})") from err
 
 
 def special_token_ids(tokenizer, spec: str) -> frozenset[int]:
@@ -74,10 +74,21 @@ def _hf_weights(cfg: OPDConfig) -> dict | None:
     return read_hf_checkpoint(cfg.model.student_hf)
 
 
+def _check_teacher_tokenizer(cfg: OPDConfig, tokenizer) -> None:
+    """The teacher must score the student's token ids: same vocabulary, special tokens and chat template."""
+    if not cfg.model.teacher_hf:
+        return  # an SGLang teacher: its tokenizer is the server's (see docs on serving the same tokenizer)
+    from megatron_opd.teacher.consistency import check_tokenizers_agree
+
+    teacher_tokenizer = load_tokenizer(cfg.model.teacher_hf, "--teacher-hf")
+    check_tokenizers_agree(tokenizer, teacher_tokenizer, [[{"role": "user", "content": "1+1=?"}]])
+
+
 def _engines(cfg: OPDConfig, student: Student, tokenizer):
     from megatron_opd.rollout import build_rollout_engine
     from megatron_opd.teacher import build_teacher_engine
 
+    _check_teacher_tokenizer(cfg, tokenizer)
     remote = cfg.engines.rollout_url.startswith(("http://", "https://"))
     # SGLang reloads weights from HF safetensors on a path every server can read (the run dir).
     options = {"weight_sync_dir": str(Path(cfg.log.run_dir) / "weight_sync")} if remote else {}
