@@ -149,7 +149,8 @@ def run_train(flags: dict, nproc: int, run_dir: Path, bar=None) -> float:
     flags = {**flags, "--run-dir": str(run_dir), "--no-progress": True}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
            "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.cli", "train", *flags_to_argv(flags)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # Share the cores between the ranks (each rank's torch would otherwise use all of them).
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     log_file, metrics_file = run_dir / "train.log", run_dir / "metrics.jsonl"
     metrics_file.unlink(missing_ok=True)
     start, done = time.time(), 0
