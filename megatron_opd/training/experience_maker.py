@@ -8,6 +8,7 @@ servers do the work and the split only spreads the HTTP requests.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -19,19 +20,21 @@ from megatron_opd.rollout.types import Sample, SamplingParams
 from megatron_opd.training.experience import Experience, build_experience, build_sft_experience
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_prompts: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(num_prompts))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return tuple(order)
+
+
 def prompts_for_batch(num_prompts: int, batch_size: int, batch_index: int, seed: int) -> list[int]:
     """Dataset indices of batch ``batch_index``: consecutive slices of a per-epoch seeded permutation.
 
     A pure function of its arguments, so a resumed run needs only the batch index.
     """
-    out = []
     start = batch_index * batch_size
-    for position in range(start, start + batch_size):
-        epoch, offset = divmod(position, num_prompts)
-        order = list(range(num_prompts))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        out.append(order[offset])
-    return out
+    return [_epoch_order(num_prompts, seed, position // num_prompts)[position % num_prompts]
+            for position in range(start, start + batch_size)]
 
 
 def _my_share(num_items: int) -> range:
