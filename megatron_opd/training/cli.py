@@ -45,6 +45,7 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--keep-last": ("checkpoint", "keep_last", None, "keep the newest N checkpoints"),
     "--load": ("checkpoint", "load", str, "resume from a --save dir, or start from a Megatron checkpoint"),
     "--save-hf": ("checkpoint", "save_hf", str, "export the final student as HF safetensors here"),
+    "--export-hf-at": ("checkpoint", "export_hf_at", int, "comma-separated steps: HF snapshots in RUN_DIR/hf_step<N>"),
     # objective
     "--objective": ("objective", "objective", None, "sampled | lsm | sft"),
     "--topk": ("objective", "topk", None, "teacher top-K support size for lsm"),
@@ -96,6 +97,10 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
 }
 
 
+# Element type of comma-separated (tuple) flags whose default is empty.
+ITEM_TYPES = {f"{section}.{name}": opt_type for section, name, opt_type, _ in FLAGS.values() if opt_type is not None}
+
+
 def _section_defaults() -> dict[str, object]:
     """Default instance of every section, to read field types and defaults from."""
     return {f.name: f.default_factory() for f in dataclasses.fields(OPDConfig)}
@@ -136,7 +141,7 @@ def parse_config(argv: list[str] | None = None) -> OPDConfig:
             continue  # keep the config file's value unless the flag was typed
         default = getattr(_section_defaults()[section], name)
         if isinstance(default, tuple) and isinstance(value, str):
-            item_type = type(default[0]) if default else str
+            item_type = ITEM_TYPES.get(dest) or (type(default[0]) if default else str)
             try:
                 value = tuple(item_type(v) for v in value.split(",") if v)
             except ValueError as err:

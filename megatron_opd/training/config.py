@@ -150,6 +150,8 @@ class CheckpointConfig:
     """A Megatron dist checkpoint to start from (weights) or a --save directory to resume."""
     save_hf: str | None = None
     """Export the final student as HF safetensors here."""
+    export_hf_at: tuple[int, ...] = ()
+    """Also export HF snapshots at these steps (rounded up to rollout boundaries) to RUN_DIR/hf_step<N>."""
 
     def __post_init__(self):
         _require(self.save_interval >= 0, "--save-interval must be >= 0")

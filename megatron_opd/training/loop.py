@@ -93,6 +93,9 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
                 summary=False)
         _maybe_checkpoint(cfg, run, step, batch_index, bad_in_a_row, steps_this_batch=update)
         _maybe_evaluate(cfg, run, state, step, log, steps_this_batch=update)
+        for target in cfg.checkpoint.export_hf_at:
+            if step - update < target <= step:
+                _export_hf(run, state, Path(cfg.log.run_dir) / f"hf_step{target}", cfg.model.student_hf)
     _maybe_export_hf(cfg, run, state)
     log.close()
     return metrics
@@ -150,10 +153,14 @@ def _maybe_evaluate(cfg: OPDConfig, run: Components, state: ParallelState, step:
 
 
 def _maybe_export_hf(cfg: OPDConfig, run: Components, state: ParallelState) -> None:
-    if not cfg.checkpoint.save_hf:
-        return
+    if cfg.checkpoint.save_hf:
+        _export_hf(run, state, Path(cfg.checkpoint.save_hf), cfg.model.student_hf)
+
+
+def _export_hf(run: Components, state: ParallelState, out_dir: Path, hf_config_dir: str) -> None:
+    """Collective: gather the full HF weights; rank 0 writes them (atomically) with config + tokenizer."""
     from megatron_opd.models import gather_hf_state_dict, write_hf_checkpoint
 
     state_dict = gather_hf_state_dict(run.student.unwrapped(), run.student.hf_config)
     if state.rank == 0:
-        write_hf_checkpoint(cfg.checkpoint.save_hf, state_dict, cfg.model.student_hf, overwrite=True)
+        write_hf_checkpoint(out_dir, state_dict, hf_config_dir, overwrite=True)

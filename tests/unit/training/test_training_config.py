@@ -20,7 +20,7 @@ def test_flag_set_is_frozen():
         "--context-parallel-size", "--sequence-parallel", "--student-hf", "--teacher-hf", "--bf16", "--lr",
         "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1",
         "--adam-beta2", "--train-iters", "--micro-batch-size", "--seed", "--save", "--save-interval", "--keep-last",
-        "--load", "--save-hf", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
+        "--load", "--save-hf", "--export-hf-at", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
         "--minibatches-per-rollout", "--logprob-source", "--special-token-mask", "--gate", "--gate-block-size",
         "--gate-tau", "--gate-aggregation", "--gate-fn", "--gate-clip-eps", "--gate-normalization", "--gate-clip-range", "--gate-span-delimiter",
         "--gate-residual-alpha", "--rollout-url", "--teacher-url", "--prompts-per-rollout", "--samples-per-prompt",
@@ -64,6 +64,7 @@ def test_flags_fill_the_sections():
     (["--lr-decay-style", "exponential"], "--lr-decay-style"),
     (["--logprob-source", "server"], "--logprob-source"),
     (["--max-bad-steps", "0"], "--max-bad-steps"),
+    (["--export-hf-at", "x"], "--export-hf-at"),
     (["--prompts-per-rollout", "4", "--samples-per-prompt", "2", "--micro-batch-size", "3"], "--micro-batch-size"),
 ])
 def test_invalid_settings_name_the_flag(extra, flag):
