@@ -37,51 +37,42 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class Phase:
-    """Flags of one ``megatron-opd train`` run (beyond the paths the demo fills in)."""
-
-    flags: dict
-
-
-@dataclass(kw_only=True)
 class DemoRecipe:
-    teacher: ModelShape = field(default_factory=lambda: ModelShape(layers=4, hidden=128, heads=4, kv_heads=2,
-                                                                    head_dim=32, intermediate=384))
-    student: ModelShape = field(default_factory=lambda: ModelShape(layers=4, hidden=128, heads=4, kv_heads=2,
-                                                                    head_dim=32, intermediate=384))
-    teacher_sft: dict = field(default_factory=lambda: {
-        "--train-iters": 500, "--prompts-per-rollout": 64, "--lr": 2e-3, "--min-lr": 2e-4,
-        "--lr-warmup-iters": 30, "--lr-decay-style": "cosine"})
-    student_sft: dict = field(default_factory=lambda: {
-        "--train-iters": 60, "--prompts-per-rollout": 64, "--lr": 2e-3, "--min-lr": 2e-3,
-        "--lr-warmup-iters": 10, "--lr-decay-style": "constant"})
+    """The embedded default. One SFT run trains the teacher; its early snapshot (at
+    ``student_snapshot_step``) is the weaker student: same architecture and tokenizer, less training,
+    so one SFT phase pays for both models."""
+
+    model: ModelShape = field(default_factory=lambda: ModelShape(layers=4, hidden=128, heads=4, kv_heads=2,
+                                                                  head_dim=32, intermediate=384))
+    sft: dict = field(default_factory=lambda: {
+        "--train-iters": 500, "--prompts-per-rollout": 64, "--lr": 3e-3, "--min-lr": 3e-4,
+        "--lr-warmup-iters": 20, "--lr-decay-style": "cosine", "--adam-beta2": 0.95})
+    student_snapshot_step: int = 250
     opd: dict = field(default_factory=lambda: {
-        "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
-        "--train-iters": 40, "--prompts-per-rollout": 32, "--samples-per-prompt": 4,
-        "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 4,
-        "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 96, "--micro-batch-size": 64})
-    eval_problems: int = 100
+        "--objective": "lsm", "--topk": 32, "--gate": "block", "--gate-block-size": 64,
+        "--train-iters": 80, "--prompts-per-rollout": 32, "--samples-per-prompt": 8,
+        "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 8,
+        "--adam-beta2": 0.95, "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 96,
+        "--micro-batch-size": 128})
+    eval_problems: int = 128
     eval_n: int = 8
     train_problems: int = 4000
     nproc: int = 2
     seed: int = 1234
 
-    def fingerprint(self, role: str, stage: str = "sft") -> str:
-        """Cache key of a teacher/student: only what determines it (shape, its SFT, data, seed)."""
-        shape = getattr(self, role)
-        sft = getattr(self, f"{role}_sft") if stage == "sft" else None
-        blob = json.dumps([role, stage, dataclasses.asdict(shape), sft, self.train_problems, self.seed, self.nproc],
-                          sort_keys=True, default=str)
+    def fingerprint(self) -> str:
+        """Cache key of the SFT teacher + snapshot: only what determines them."""
+        blob = json.dumps([dataclasses.asdict(self.model), self.sft, self.student_snapshot_step,
+                           self.train_problems, self.seed, self.nproc], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def quick_recipe() -> DemoRecipe:
     """A much smaller run for the test suite (it checks the pipeline, not the quality)."""
-    small = ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128)
     return DemoRecipe(
-        teacher=small, student=small,
-        teacher_sft={"--train-iters": 30, "--prompts-per-rollout": 32, "--lr": 3e-3, "--lr-warmup-iters": 3},
-        student_sft={"--train-iters": 6, "--prompts-per-rollout": 32, "--lr": 3e-3},
+        model=ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128),
+        sft={"--train-iters": 30, "--prompts-per-rollout": 32, "--lr": 3e-3, "--lr-warmup-iters": 3},
+        student_snapshot_step=6,
         opd={"--objective": "lsm", "--topk": 8, "--gate": "block", "--gate-block-size": 64, "--train-iters": 4,
              "--prompts-per-rollout": 8, "--samples-per-prompt": 2, "--epochs-per-rollout": 2,
              "--minibatches-per-rollout": 1, "--lr": 1e-3, "--max-new-tokens": 48, "--micro-batch-size": 16},
@@ -175,41 +166,34 @@ def _advance(bar, metrics_file: Path, done: int) -> int:
     return max(current, done)
 
 
-def _cached_train(name: str, out_dir: Path, flags: dict, recipe: DemoRecipe, workdir: Path, bar) -> float:
-    """Train unless ``out_dir`` (an HF export) already exists; returns the wall seconds spent."""
-    if (out_dir / "config.json").exists():
-        bar.update(int(flags["--train-iters"]))
-        bar.write(f"{name}: cached at {out_dir}")
-        return 0.0
-    seconds = run_train({**flags, "--save-hf": str(out_dir)}, recipe.nproc, workdir / f"run_{name}", bar)
-    bar.write(f"{name}: trained in {seconds:.0f} s -> {out_dir}")
-    return seconds
-
-
 def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None) -> tuple[Path, Path, Path]:
-    """(teacher dir, student dir, training data): SFT of both from random init, cached by recipe."""
-    from tqdm import tqdm
-
+    """(teacher dir, student dir, training data): one SFT run from random init, cached by recipe."""
     workdir.mkdir(parents=True, exist_ok=True)
     cache_dir.mkdir(parents=True, exist_ok=True)
     data_path = write_toy_data(workdir, recipe)
-    sft = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
-           "--log-interval": 10, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
-           "--minibatches-per-rollout": 1}
-    own_bar = bar is None
-    bar = bar or tqdm(total=int(recipe.teacher_sft["--train-iters"]) + int(recipe.student_sft["--train-iters"]),
-                      desc="sft", unit="step", dynamic_ncols=True)
-    dirs = []
-    for role, shape, phase, seed in (("teacher", recipe.teacher, recipe.teacher_sft, recipe.seed),
-                                     ("student", recipe.student, recipe.student_sft, recipe.seed + 1)):
-        init = write_initial_model(cache_dir / f"{role}-init-{recipe.fingerprint(role, 'init')}", shape, seed)
-        out = cache_dir / f"{role}-{recipe.fingerprint(role)}"
-        flags = {**sft, "--micro-batch-size": phase["--prompts-per-rollout"], **phase, "--student-hf": str(init)}
-        _cached_train(f"{role}_sft", out, flags, recipe, workdir, bar)
-        dirs.append(out)
-    if own_bar:
-        bar.close()
-    return dirs[0], dirs[1], data_path
+    key = recipe.fingerprint()
+    teacher_dir, student_dir = cache_dir / f"teacher-{key}", cache_dir / f"student-{key}"
+    steps = int(recipe.sft["--train-iters"])
+    if (teacher_dir / "config.json").exists() and (student_dir / "config.json").exists():
+        if bar is not None:
+            bar.update(steps)
+            bar.write(f"sft: cached teacher {teacher_dir} and student {student_dir}")
+        return teacher_dir, student_dir, data_path
+    init = write_initial_model(cache_dir / f"init-{key}", recipe.model, recipe.seed)
+    run_dir = workdir / "run_sft"
+    flags = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
+             "--log-interval": 25, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
+             "--minibatches-per-rollout": 1, "--micro-batch-size": recipe.sft["--prompts-per-rollout"],
+             **recipe.sft, "--student-hf": str(init), "--save-hf": str(teacher_dir),
+             "--export-hf-at": str(recipe.student_snapshot_step)}
+    seconds = run_train(flags, recipe.nproc, run_dir, bar)
+    # The snapshot lands in the run dir; publish it into the cache with one rename.
+    shutil.rmtree(student_dir, ignore_errors=True)
+    os.replace(run_dir / f"hf_step{recipe.student_snapshot_step}", student_dir)
+    if bar is not None:
+        bar.write(f"sft: teacher ({steps} steps) and student (step {recipe.student_snapshot_step}) "
+                  f"trained in {seconds:.0f} s")
+    return teacher_dir, student_dir, data_path
 
 
 def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
@@ -219,11 +203,11 @@ def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path) -> dict:
     from megatron_opd.eval.variants import evaluate_hf_dir
 
     after_dir = workdir / "student_after_opd"
-    total = sum(int(p["--train-iters"]) for p in (recipe.teacher_sft, recipe.student_sft, recipe.opd))
+    total = int(recipe.sft["--train-iters"]) + int(recipe.opd["--train-iters"])
     start = time.time()
     with tqdm(total=total, desc="demo", unit="step", dynamic_ncols=True) as bar:
         teacher_dir, student_dir, data_path = prepare_models(recipe, workdir, cache_dir, bar)
-        times = {"sft (teacher + student)": time.time() - start}
+        times = {"sft (teacher + student snapshot)": time.time() - start}
         opd_flags = {**recipe.opd, "--data-path": str(data_path), "--seed": recipe.seed,
                      "--tensor-model-parallel-size": recipe.nproc, "--log-interval": 10,
                      "--student-hf": str(student_dir), "--teacher-hf": str(teacher_dir),

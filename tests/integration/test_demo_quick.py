@@ -29,4 +29,4 @@ def test_quick_demo_end_to_end(tmp_path, demo_cache):
     # Second run: teacher and student SFT come from the cache.
     again = run_demo(tmp_path / "run2", demo_cache)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "teacher_sft: cached" in again.stderr + again.stdout
+    assert "sft: cached teacher" in again.stderr + again.stdout
