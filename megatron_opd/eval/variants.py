@@ -99,7 +99,8 @@ def _toy_setup(args) -> tuple[dict, Path, object]:
     from megatron_opd.training.demo import DemoRecipe, prepare_models, quick_recipe
 
     recipe = quick_recipe() if args.quick else DemoRecipe()
-    teacher_dir, student_dir, data_path = prepare_models(recipe, Path(args.workdir), Path(args.cache_dir))
+    # Same cache as `megatron-opd demo`: the variants start from the demo's teacher and student.
+    teacher_dir, student_dir, data_path = prepare_models(recipe, Path(args.workdir), Path(args.cache_dir) / "demo")
     # The toy solutions have no newlines: ';' ends each step, so it is the toy task's span delimiter.
     base = {**recipe.opd, "--data-path": str(data_path), "--teacher-hf": str(teacher_dir),
             "--rollout-url": "local", "--teacher-url": "local", "--tensor-model-parallel-size": recipe.nproc,
