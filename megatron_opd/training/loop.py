@@ -108,17 +108,23 @@ REPORT_KEYS = ["tokens", "loss_sum", "entropy_sum", "gate_weighted", "abs_drift_
 
 
 def _resume(cfg: OPDConfig, run: Components) -> tuple[int, int, int]:
-    """(step, batch index, bad steps in a row) from --load, or zeros for a fresh run."""
-    if not cfg.checkpoint.load:
-        return 0, 0, 0
-    path = find_resumable(cfg.checkpoint.load)
-    if path is None:  # a plain Megatron checkpoint (e.g. from tools/convert_hf_to_megatron.py): weights only
+    """(step, batch index, bad steps in a row) to start from.
+
+    A restarted job resumes from its own --save directory first (Megatron's convention), then from a
+    run checkpoint under --load; a --load without one (e.g. from tools/convert_hf_to_megatron.py)
+    gives the starting weights only.
+    """
+    ckpt = cfg.checkpoint
+    for source in (ckpt.save, ckpt.load):
+        path = find_resumable(source) if source and Path(source).is_dir() else None
+        if path is not None:
+            trainer_state = load_run_checkpoint(path, run.student)
+            return trainer_state["step"], trainer_state["batch_index"], trainer_state["bad_in_a_row"]
+    if ckpt.load:
         from megatron_opd.models import load_checkpoint
 
-        load_checkpoint(cfg.checkpoint.load, run.student.unwrapped())
-        return 0, 0, 0
-    trainer_state = load_run_checkpoint(path, run.student)
-    return trainer_state["step"], trainer_state["batch_index"], trainer_state["bad_in_a_row"]
+        load_checkpoint(ckpt.load, run.student.unwrapped())
+    return 0, 0, 0
 
 
 def _maybe_checkpoint(cfg: OPDConfig, run: Components, step: int, batch_index: int, bad: int,

@@ -88,7 +88,8 @@ def test_crash_during_save_keeps_previous_checkpoint(base_flags, straight_run, t
     assert (save / "latest").read_text().strip() == "iter_0000002"
     assert (save / "iter_0000004.tmp").is_dir() and not (save / "iter_0000004.tmp" / "COMPLETE").exists()
     assert not (save / "iter_0000004").exists()
-    resumed = run({**flags, "--load": str(save), "--save-hf": str(tmp_path / "hf")})
+    # No --load: a restarted job resumes from its own --save directory.
+    resumed = run({**flags, "--save-hf": str(tmp_path / "hf")})
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_identical(straight_run, hf_tensors(tmp_path / "hf"))
     assert (save / "latest").read_text().strip() == "iter_0000006"
