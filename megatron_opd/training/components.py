@@ -147,7 +147,7 @@ def _span_delimiters(cfg: OPDConfig, tokenizer) -> frozenset[int]:
 def _rescale_grads(model: list, loss: MicrobatchLoss, state: ParallelState) -> None:
     """Exact mean gate normalisation over the whole step: scale grads by Σm / Σmg (see loss.py)."""
     last_rank = dist.get_process_group_ranks(state.pp_group)[-1]
-    scale = loss.normalizer.scale(state.pp_group, state.dp_cp_group, last_rank)
+    scale = loss.normalizer.scale(state.pp_group, state.dp_cp_group, last_rank, device=state.device)
     loss.step_gate_scale = scale
     if scale != 1.0:
         for chunk in model:

@@ -76,7 +76,7 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
                 t_step = time.perf_counter()
                 sums = train_step(run.student, run.loss, exp.select(indices, run.pad_multiple), state,
                                   cfg.optim.micro_batch_size, REPORT_KEYS)
-                metrics = derive_step_metrics(sums, getattr(run.loss, "step_gate_scale", 1.0))
+                metrics = derive_step_metrics(sums, run.loss.step_gate_scale)
                 bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
                 if bad_in_a_row >= cfg.log.max_bad_steps:
                     raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row at step {step + 1} "

@@ -50,17 +50,18 @@ class GateNormalizer:
         self.tokens.zero_()
 
     def add(self, gates: torch.Tensor, mask: torch.Tensor) -> None:
+        # Host-device sync (two scalars per micro-batch): cheap next to the forward/backward.
         self.weighted += (gates * mask).sum().double().cpu()
         self.tokens += mask.sum().double().cpu()
 
-    def scale(self, pp_group, dp_cp_group, pp_last_rank: int) -> float:
-        """Global Σ m / Σ m g; 1 when no position was valid."""
-        both = torch.stack([self.weighted, self.tokens])
+    def scale(self, pp_group, dp_cp_group, pp_last_rank: int, device=None) -> float:
+        """Global Σ m / Σ m g; 1 when no position was valid. ``device``: where collectives run (NCCL: CUDA)."""
+        both = torch.stack([self.weighted, self.tokens]).to(device or "cpu")
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             dist.broadcast(both, src=pp_last_rank, group=pp_group)  # collective: only the last stage has losses
         if dp_cp_group is not None and dist.get_world_size(dp_cp_group) > 1:
             dist.all_reduce(both, group=dp_cp_group)  # collective: the batch is split over DP (and CP) ranks
-        weighted, tokens = both.tolist()
+        weighted, tokens = both.tolist()  # host sync: one per optimizer step
         return tokens / weighted if weighted > 0 else 1.0
 
 
@@ -132,6 +133,8 @@ class MicrobatchLoss:
         self.tp_group = tp_group
         self.dp_cp_group = dp_cp_group
         self.normalizer = GateNormalizer()
+        self.step_gate_scale = 1.0
+        """Σ m / Σ m g of the last optimizer step (set by the gradient hook; for the gate metrics)."""
         exact_mean = settings.gate.normalization == "mean"
         # With exact global mean normalisation the gate function itself must not normalise.
         self.gate_config = dataclasses.replace(settings.gate, normalization="none") if exact_mean else settings.gate

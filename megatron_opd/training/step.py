@@ -97,6 +97,8 @@ def reduce_reports(local: dict[str, float], state: ParallelState, keys: list[str
     extremes = torch.tensor([signed(k, local[k]) if ext and k in local else -math.inf
                              for k, ext in zip(keys, is_extreme)], dtype=torch.float64)
     present = torch.tensor([float(k in local) for k in keys], dtype=torch.float64)
+    # NCCL reduces CUDA tensors only; gloo (CPU) takes them where they are.
+    sums, extremes, present = (t.to(state.device) for t in (sums, extremes, present))
     for group in (state.pp_group, state.dp_cp_group):
         if dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)  # collective: sums of report fields
@@ -151,7 +153,8 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
             if reports:  # last pipeline stage only
                 logprobs = torch.cat([r["logprobs"].cpu() for r in reports])
                 out[rows, : logprobs.shape[1]] = logprobs
+    out = out.to(state.device)  # NCCL reduces CUDA tensors only
     for group in (state.pp_group, state.dp_cp_group):
         if dist.get_world_size(group) > 1:
             dist.all_reduce(out, group=group)  # collective: each row is filled on exactly one rank
-    return out
+    return out.cpu()
