@@ -46,7 +46,7 @@ def test_gate_weighted_sum_equals_mean_normalised_loss(granularity):
     expected = (torch.where(mask, gates.double() * ell, 0.0)).sum() / mask.sum()
     normalised = loss_sum / loss_fn.normalizer.weighted * loss_fn.normalizer.tokens
     assert int(num_tokens) == int(mask.sum())
-    assert float(normalised.detach() / num_tokens) == pytest.approx(float(expected), rel=1e-5)
+    assert float(normalised.detach() / num_tokens) == pytest.approx(float(expected.detach()), rel=1e-5)
     raw, _ = drift_gates(cur.detach(), mb.old_logprobs.double(), mask, dataclasses.replace(gate, normalization="none"))
     assert loss_fn.normalizer.scale(None, None, 0) == pytest.approx(float(mask.sum() / (raw * mask).sum()), rel=1e-6)
 
