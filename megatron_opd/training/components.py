@@ -29,7 +29,6 @@ class Components:
     rollout_engine: object | None
     tokenizer: object
     data_counts: dict
-    pad_multiple: int
 
 
 def load_tokenizer(path: str, flag: str = "--student-hf"):
@@ -129,7 +128,7 @@ def build_components(cfg: OPDConfig, state: ParallelState) -> Components:
             special_token_ids=special_token_ids(tokenizer, cfg.objective.special_token_mask), seed=cfg.optim.seed,
             pad_to_multiple=pad_multiple)
     return Components(student=student, loss=loss_holder[0], maker=maker, rollout_engine=rollout,
-                      tokenizer=tokenizer, data_counts=counts, pad_multiple=pad_multiple)
+                      tokenizer=tokenizer, data_counts=counts)
 
 
 def _span_delimiters(cfg: OPDConfig, tokenizer) -> frozenset[int]:

@@ -29,6 +29,8 @@ class Experience:
     teacher_logprobs: torch.Tensor | None = None  # (N, T) log q(y_t)
     teacher_topk_ids: torch.Tensor | None = None  # (N, T, K) int64
     teacher_topk_logprobs: torch.Tensor | None = None  # (N, T, K)
+    pad_to_multiple: int = 1
+    """Sequence lengths stay multiples of this after any ``select`` (TP size under sequence parallelism)."""
 
     @property
     def num_sequences(self) -> int:
@@ -40,17 +42,24 @@ class Experience:
         positions = self.prompt_lens[:, None] - 1 + steps[None, :]
         return positions.clamp(max=self.input_ids.shape[1] - 1)
 
-    def select(self, indices: torch.Tensor, pad_to_multiple: int = 1) -> Experience:
-        """Rows ``indices`` with padding trimmed to the longest selected sequence."""
-        picked = {f.name: _take(getattr(self, f.name), indices) for f in dataclasses.fields(self)}
-        seq_len = int((picked["prompt_lens"] + picked["response_lens"]).max())
-        seq_len = min(-(-seq_len // pad_to_multiple) * pad_to_multiple, self.input_ids.shape[1])
-        resp_len = max(int(picked["response_lens"].max()), 1)
-        return Experience(**{name: _trim(name, value, seq_len, resp_len) for name, value in picked.items()})
+    def rows(self, indices: torch.Tensor) -> Experience:
+        """Rows ``indices``, keeping the current sequence and response lengths."""
+        return dataclasses.replace(self, **{name: None if value is None else value[indices]
+                                            for name, value in self._tensors().items()})
 
+    def select(self, indices: torch.Tensor) -> Experience:
+        """Rows ``indices`` with padding trimmed to the longest selected sequence (kept a multiple of
+        ``pad_to_multiple``)."""
+        picked = self.rows(indices)
+        multiple = self.pad_to_multiple
+        seq_len = int((picked.prompt_lens + picked.response_lens).max())
+        seq_len = min(-(-seq_len // multiple) * multiple, self.input_ids.shape[1])
+        resp_len = max(int(picked.response_lens.max()), 1)
+        return dataclasses.replace(picked, **{name: _trim(name, value, seq_len, resp_len)
+                                              for name, value in picked._tensors().items()})
 
-def _take(value, indices):
-    return None if value is None else value[indices]
+    def _tensors(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pad_to_multiple"}
 
 
 def _trim(name: str, value, seq_len: int, resp_len: int):
@@ -93,6 +102,7 @@ def build_experience(samples: list[Sample], scores: list[TeacherScore] | None, *
         loss_mask=loss_mask,
         truncated=torch.tensor([s.finish_reason != "stop" for s in samples]),
         engine_logprobs=engine_lp,
+        pad_to_multiple=pad_to_multiple,
     )
     if scores is not None:
         _attach_teacher(exp, samples, scores, resp_len)

@@ -74,7 +74,7 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
                 if step >= cfg.optim.train_iters:
                     break
                 t_step = time.perf_counter()
-                sums = train_step(run.student, run.loss, exp.select(indices, run.pad_multiple), state,
+                sums = train_step(run.student, run.loss, exp.select(indices), state,
                                   cfg.optim.micro_batch_size, REPORT_KEYS)
                 metrics = derive_step_metrics(sums, run.loss.step_gate_scale)
                 bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0

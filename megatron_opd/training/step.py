@@ -38,12 +38,7 @@ def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experienc
     if num % micro_batch_size:
         raise ValueError(f"{num} sequences per data-parallel rank is not a multiple of --micro-batch-size "
                          f"{micro_batch_size}")
-    blocks = []
-    for start in range(0, num, micro_batch_size):
-        rows = torch.arange(start, start + micro_batch_size)
-        blocks.append(Experience(**{name: (None if value is None else value[rows])
-                                    for name, value in vars(exp).items()}))
-    return blocks
+    return [exp.rows(torch.arange(start, start + micro_batch_size)) for start in range(0, num, micro_batch_size)]
 
 
 def _forward_step(loss_func, device, data_iterator, model):
