@@ -135,10 +135,9 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
     out = torch.zeros(exp.response_ids.shape, dtype=torch.float32)
 
     def logprob_only(mb, output_tensor):
-        cur = student_view(output_tensor, mb, loss_tp_group, student.vocab_size, with_support=False).logprobs
+        cur = student_view(output_tensor, mb, state.tp_group, student.vocab_size, with_support=False).logprobs
         return output_tensor.new_zeros(()), mb.loss_mask.sum().to(torch.int), {"logprobs": cur.detach().float()}
 
-    loss_tp_group = state.tp_group
     with torch.no_grad():
         for indices in minibatches:
             rows = indices[rank_rows(len(indices), state)]
