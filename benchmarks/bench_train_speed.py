@@ -1,0 +1,216 @@
+"""Trainer train-step throughput against a plain HF transformers loop on the same model, side by side.
+
+One process, world size 1. Both sides start from the same weights, see the same SFT batch (random
+token ids, right-padded, loss on the response positions) and step AdamW with the same settings:
+
+* ``megatron``: the trainer's ``training.step.train_step`` — Megatron ``GPTModel`` (local spec) in
+  Megatron DDP, Megatron optimizer, the trainer's SFT ``MicrobatchLoss`` (vocab-parallel ops);
+* ``hf``: ``Qwen3ForCausalLM`` (SDPA attention), ``log_softmax`` + gather, ``clip_grad_norm_``,
+  ``torch.optim.AdamW``.
+
+Steps alternate (megatron, hf, megatron, …) so load from other processes on a shared machine hits
+both alike; the ratio of medians is the number to read. Tokens/s counts every (padded) input token
+of the batch. The per-step losses of the two must agree (same model, same data, same optimizer):
+the benchmark prints the largest difference and fails if it exceeds ``--loss-tol``.
+
+    .venv/bin/python benchmarks/bench_train_speed.py --shape long --threads 1
+    .venv/bin/python benchmarks/bench_train_speed.py --shape toy --threads 2
+    .venv/bin/python benchmarks/bench_train_speed.py --shape long --profile megatron   # torch.profiler table
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """Model and batch shape of one benchmark setting."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    prompt_len: int
+    min_response: int
+    max_response: int
+    micro_batch: int
+
+
+ADAM_BETA2 = 0.95
+
+SHAPES = {
+    # The long-horizon task (issue 12): ~60-char vocab, responses 256–512 tokens, sequences ~600.
+    "long": BenchShape(layers=4, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab=60,
+                       prompt_len=88, min_response=256, max_response=512, micro_batch=16),
+    # The old toy task: the demo's model, responses up to ~61 tokens, micro-batch 128.
+    "toy": BenchShape(layers=4, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=384, vocab=59,
+                      prompt_len=20, min_response=20, max_response=61, micro_batch=128),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="long")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per micro-batch (shape default)")
+    parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after 2 warm-up steps)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--bf16", action="store_true", help="both sides in bf16 (Megatron: --bf16 path)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--loss-tol", type=float, default=None,
+                        help="largest allowed |loss_megatron - loss_hf| (default 1e-4 fp32, 5e-2 bf16)")
+    parser.add_argument("--profile", choices=("megatron", "hf"), default=None,
+                        help="profile 3 steps of one side with torch.profiler instead of timing")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_hf_model(shape: BenchShape, seed: int):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                         max_position_embeddings=1024, tie_word_embeddings=True, rms_norm_eps=1e-6,
+                         architectures=["Qwen3ForCausalLM"], attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return Qwen3ForCausalLM(config)
+
+
+def build_batch(shape: BenchShape, num_sequences: int, seed: int):
+    """An SFT ``Experience`` of random tokens: fixed-length prompts, response lengths spread over the
+    shape's range (the longest one is always present, so the padded length is fixed)."""
+    from megatron_opd.training.experience import build_sft_experience
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(shape.min_response, shape.max_response + 1, (num_sequences,), generator=gen)
+    lengths[0] = shape.max_response
+    prompts = [torch.randint(1, shape.vocab, (shape.prompt_len,), generator=gen).tolist()
+               for _ in range(num_sequences)]
+    responses = [torch.randint(1, shape.vocab, (int(n),), generator=gen).tolist() for n in lengths]
+    return build_sft_experience(prompts, responses, pad_id=0)
+
+
+def build_megatron_side(hf_model, workdir: Path, args, state, batch_size: int):
+    """The trainer's student (Megatron model + DDP + optimizer + scheduler) initialised from ``hf_model``
+    and its SFT micro-batch loss, exactly as ``training.components`` wires them."""
+    from megatron_opd.gating import DriftGateConfig
+    from megatron_opd.training.cli import parse_config
+    from megatron_opd.training.loss import LossSettings, MicrobatchLoss
+    from megatron_opd.training.megatron_setup import build_student
+
+    hf_model.save_pretrained(workdir / "model")
+    flags = ["--student-hf", str(workdir / "model"), "--data-path", str(workdir / "unused.jsonl"),
+             "--objective", "sft", "--gate", "none", "--lr", str(args.lr), "--min-lr", str(args.lr),
+             "--lr-decay-style", "constant", "--lr-warmup-iters", "0", "--weight-decay", "0.0",
+             "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", str(ADAM_BETA2), "--train-iters", "1000", "--micro-batch-size", str(batch_size),
+             "--run-dir", str(workdir / "run"), "--no-progress"] + (["--bf16"] if args.bf16 else [])
+    cfg = parse_config(flags)
+    weights = {name: value.detach().clone() for name, value in hf_model.state_dict().items()}
+    student = build_student(cfg, state, weights)
+    settings = LossSettings(objective="sft", gate=DriftGateConfig(granularity="none"),
+                            vocab_size=hf_model.config.vocab_size)
+    return cfg, student, MicrobatchLoss(settings, state.tp_group, state.dp_cp_group)
+
+
+def megatron_step(student, loss, exp, state, micro_batch: int) -> float:
+    from megatron_opd.training.loop import REPORT_KEYS
+    from megatron_opd.training.step import train_step
+
+    result = train_step(student, loss, exp, state, micro_batch, REPORT_KEYS)
+    return result["loss_sum"] / result["tokens"]
+
+
+def hf_step(model, optimizer, exp, micro_batch: int) -> float:
+    """Mean response-token NLL over the whole step, summed over micro-batches like the trainer does."""
+    num_tokens = exp.loss_mask.sum()
+    optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for start in range(0, exp.num_sequences, micro_batch):
+        mb = exp.rows(torch.arange(start, start + micro_batch))
+        logits = model(input_ids=mb.input_ids).logits  # (b, S, V)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        positions = mb.response_positions()  # (b, T)
+        picked = logp.gather(1, positions[..., None].expand(-1, -1, logp.shape[-1]))  # (b, T, V)
+        token_logp = picked.gather(2, mb.response_ids[..., None]).squeeze(-1)  # (b, T)
+        loss_sum = -torch.where(mb.loss_mask, token_logp, torch.zeros_like(token_logp)).sum()
+        (loss_sum / num_tokens).backward()
+        total += loss_sum.item()  # host sync, as the trainer's report
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return total / num_tokens.item()
+
+
+def profile_side(step_fn, label: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    step_fn()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for _ in range(3):
+            step_fn()
+    print(f"== torch.profiler, {label}, 3 steps ==")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from megatron_opd.platform import ParallelConfig, initialize_distributed
+
+    shape = SHAPES[args.shape]
+    micro_batch = args.micro_batch or shape.micro_batch
+    batch_size = micro_batch * args.microbatches
+    state = initialize_distributed(ParallelConfig(seed=args.seed))
+    hf_model = build_hf_model(shape, args.seed)
+    exp = build_batch(shape, batch_size, args.seed + 1)
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
+        _, student, loss = build_megatron_side(hf_model, Path(tmp), args, state, micro_batch)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    hf_model = hf_model.to(dtype).train()
+    optimizer = torch.optim.AdamW(hf_model.parameters(), lr=args.lr, betas=(0.9, ADAM_BETA2), eps=1e-8, weight_decay=0.0)
+    sides = {"megatron": lambda: megatron_step(student, loss, exp, state, micro_batch),
+             "hf": lambda: hf_step(hf_model, optimizer, exp, micro_batch)}
+    tokens = exp.input_ids.numel()
+    print(f"shape {args.shape}: {shape}; {batch_size} sequences x {exp.input_ids.shape[1]} tokens = {tokens} "
+          f"per step ({int(exp.loss_mask.sum())} loss tokens), micro-batch {micro_batch}, "
+          f"{'bf16' if args.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
+    if args.profile:
+        profile_side(sides[args.profile], args.profile)
+        return 0
+    times = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+    for rep in range(args.steps + 2):
+        for name, step in sides.items():
+            start = time.perf_counter()
+            losses[name].append(step())
+            if rep >= 2:  # the first steps warm up allocators and caches
+                times[name].append(time.perf_counter() - start)
+    tol = args.loss_tol if args.loss_tol is not None else (5e-2 if args.bf16 else 1e-4)
+    loss_diff = max(abs(a - b) for a, b in zip(losses["megatron"], losses["hf"]))
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    print("| side | median step (s) | tokens/s |")
+    print("|---|---|---|")
+    for name in sides:
+        print(f"| {name} | {statistics.median(times[name]):.3f} | {rate[name]:.0f} |")
+    print(f"ratio megatron/hf tokens/s: {rate['megatron'] / rate['hf']:.3f}")
+    print(f"losses per step megatron {[round(x, 5) for x in losses['megatron']]}")
+    print(f"losses per step hf       {[round(x, 5) for x in losses['hf']]}")
+    print(f"max |loss_megatron - loss_hf| over {len(losses['hf'])} steps: {loss_diff:.2e} (tolerance {tol:g})")
+    return 0 if loss_diff <= tol else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
