@@ -103,7 +103,7 @@ def build_batch(shape: BenchShape, num_sequences: int, seed: int):
     return build_sft_experience(prompts, responses, pad_id=0)
 
 
-def build_megatron_side(hf_model, workdir: Path, args, state, batch_size: int):
+def build_megatron_side(hf_model, workdir: Path, args, state, micro_batch: int, batch_size: int):
     """The trainer's student (Megatron model + DDP + optimizer + scheduler) initialised from ``hf_model``
     and its SFT micro-batch loss, exactly as ``training.components`` wires them."""
     from megatron_opd.gating import DriftGateConfig
@@ -115,7 +115,8 @@ def build_megatron_side(hf_model, workdir: Path, args, state, batch_size: int):
     flags = ["--student-hf", str(workdir / "model"), "--data-path", str(workdir / "unused.jsonl"),
              "--objective", "sft", "--gate", "none", "--lr", str(args.lr), "--min-lr", str(args.lr),
              "--lr-decay-style", "constant", "--lr-warmup-iters", "0", "--weight-decay", "0.0",
-             "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", str(ADAM_BETA2), "--train-iters", "1000", "--micro-batch-size", str(batch_size),
+             "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", str(ADAM_BETA2), "--train-iters", "1000", "--micro-batch-size", str(micro_batch),
+             "--prompts-per-rollout", str(batch_size), "--samples-per-prompt", "1",
              "--run-dir", str(workdir / "run"), "--no-progress"] + (["--bf16"] if args.bf16 else [])
     cfg = parse_config(flags)
     weights = {name: value.detach().clone() for name, value in hf_model.state_dict().items()}
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     hf_model = build_hf_model(shape, args.seed)
     exp = build_batch(shape, batch_size, args.seed + 1)
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
-        _, student, loss = build_megatron_side(hf_model, Path(tmp), args, state, micro_batch)
+        _, student, loss = build_megatron_side(hf_model, Path(tmp), args, state, micro_batch, batch_size)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     hf_model = hf_model.to(dtype).train()
     optimizer = torch.optim.AdamW(hf_model.parameters(), lr=args.lr, betas=(0.9, ADAM_BETA2), eps=1e-8, weight_decay=0.0)
