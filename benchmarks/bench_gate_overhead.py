@@ -31,9 +31,9 @@ def main() -> None:
 
     from megatron_opd.gating import DriftGateConfig
     from megatron_opd.platform import initialize_distributed
+    from megatron_opd.recipes.common import DemoRecipe, ModelShape, write_initial_model, write_toy_data
     from megatron_opd.training.cli import parse_config
     from megatron_opd.training.components import build_components, sync_weights
-    from megatron_opd.training.demo import DemoRecipe, ModelShape, write_initial_model, write_toy_data
     from megatron_opd.training.loop import REPORT_KEYS
     from megatron_opd.training.loss import MicrobatchLoss
     from megatron_opd.training.step import recompute_logprobs, train_step

@@ -40,13 +40,13 @@ def _plot(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from megatron_opd.training.demo import main
+    from megatron_opd.recipes.demo import main
 
     return main(argv) or 0
 
 
 def _variants(argv: list[str]) -> int:
-    from megatron_opd.eval.variants import main
+    from megatron_opd.recipes.variants import main
 
     return main(argv) or 0
 

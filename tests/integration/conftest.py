@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_opd.training.demo import ModelShape, quick_recipe, write_initial_model, write_toy_data
+from megatron_opd.recipes.common import ModelShape, quick_recipe, write_initial_model, write_toy_data
 
 TINY = ModelShape(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64)
 

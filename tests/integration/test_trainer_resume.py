@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 
 def train_cmd(flags: dict) -> list[str]:
-    from megatron_opd.training.demo import flags_to_argv
+    from megatron_opd.recipes.common import flags_to_argv
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "-m", "megatron_opd.cli", "train", *flags_to_argv(flags)]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 def main() -> None:
     from megatron_opd.platform import destroy_distributed, initialize_distributed
+    from megatron_opd.recipes.common import flags_to_argv
     from megatron_opd.training.cli import parse_config
-    from megatron_opd.training.demo import flags_to_argv
     from megatron_opd.training.loop import run_training
 
     workdir = Path(sys.argv[1])

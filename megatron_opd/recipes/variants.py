@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from megatron_opd.recipes.common import DemoRecipe, evaluate_hf_dir, prepare_models, quick_recipe, run_train
+
 DEFAULT_VARIANTS: list[dict] = [
     {"name": "base (no training)", "flags": None},
     {"name": "sampled", "flags": {"--objective": "sampled", "--gate": "none"}},
@@ -58,8 +60,6 @@ def slug(name: str) -> str:
 def run_variants(*, variants: list[dict], seeds: list[int], base_flags: dict, student_hf: Path, workdir: Path,
                  eval_fn, nproc: int, steps_flag_value: int | None = None) -> dict:
     """Train + evaluate every (variant, seed); returns {variant: [results per seed]} and gate stats."""
-    from megatron_opd.training.demo import run_train
-
     results: dict[str, list[dict]] = {}
     gates: dict[str, list[dict]] = {}
     for variant in variants:
@@ -96,8 +96,6 @@ def format_gate_table(gates: dict[str, list[dict]]) -> str:
 
 def _toy_setup(args) -> tuple[dict, Path, object]:
     """Base flags, student dir and eval function of the embedded toy setting (teacher/student cached)."""
-    from megatron_opd.training.demo import DemoRecipe, prepare_models, quick_recipe
-
     recipe = quick_recipe() if args.quick else DemoRecipe()
     # Same cache as `megatron-opd demo`: the variants start from the demo's teacher and student.
     teacher_dir, student_dir, data_path = prepare_models(recipe, Path(args.workdir), Path(args.cache_dir) / "demo")
@@ -155,18 +153,3 @@ def main(argv: list[str] | None = None) -> int:
                                                       "seeds": seeds}, indent=2))
     print(table)
     return 0
-
-
-def evaluate_hf_dir(model_dir: Path, out_dir: Path, *, benchmarks, n: int, seed: int, limit, max_new_tokens: int,
-                    data_dir, pool) -> dict:
-    """Evaluate an HF checkpoint with the in-process engine (temperature 1, full support)."""
-    from transformers import AutoTokenizer
-
-    from megatron_opd.eval.harness import evaluate
-    from megatron_opd.rollout import LocalRolloutEngine
-
-    shutil.rmtree(out_dir, ignore_errors=True)  # never resume generations of an older model
-    engine = LocalRolloutEngine(str(model_dir), seed=seed)
-    return evaluate(engine, AutoTokenizer.from_pretrained(model_dir), benchmarks=benchmarks, n=n, ks=(1, n),
-                    out_dir=str(out_dir), pool=pool, limit=limit, temperature=1.0, top_p=1.0,
-                    max_new_tokens=max_new_tokens, seed=seed, data_dir=data_dir, show_progress=False)
