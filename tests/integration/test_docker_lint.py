@@ -92,12 +92,30 @@ def test_every_file_the_dockerfile_copies_exists_and_is_not_ignored():
 
 def test_dockerfile_pins_equal_versions_py():
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.M))
-    expected = {"TORCH_VERSION": versions.TORCH, "MEGATRON_CORE_VERSION": versions.MEGATRON_CORE,
+    expected = {"NGC_TAG": f"{versions.NGC_PYTORCH}-py3", "TORCH_VERSION": versions.TORCH,
+                "MEGATRON_CORE_VERSION": versions.MEGATRON_CORE,
                 "TE_VERSION": versions.TRANSFORMER_ENGINE, "SGLANG_VERSION": versions.SGLANG,
                 "SGLANG_ROUTER_VERSION": versions.SGLANG_ROUTER, "CUDA_VERSION": versions.CUDA}
     assert {k: args.get(k) for k in expected} == expected, "docker/Dockerfile ARGs disagree with megatron_opd/versions.py"
     shell = dict(line.split("=", 1) for line in versions.shell_assignments().splitlines())
     assert {k: shell[k] for k in expected} == expected
+
+
+def test_dockerfile_follows_megatrons_pip_constraint_advice_and_checks_gpu_pins():
+    """NGC's global PIP_CONSTRAINT is emptied (Megatron-Core's install guide and CI do this) before any
+    pip step, our own constraints file freezes torch/TE/megatron-core instead, and the build's strict
+    version check holds the image to the GPU pins although `docker build` sees no GPU."""
+    instructions = _dockerfile_instructions()
+    envs = [args for instr, args in instructions if instr == "ENV"]
+    first_pip = next(i for i, (instr, args) in enumerate(instructions) if instr == "RUN" and "pip " in args)
+    unset = [i for i, (instr, args) in enumerate(instructions) if instr == "ENV" and 'PIP_CONSTRAINT=""' in args]
+    assert unset and unset[0] < first_pip, "PIP_CONSTRAINT must be emptied before the first pip step"
+    assert any("OPD_CONSTRAINTS=" in args for args in envs)
+    runs = " ".join(args for instr, args in instructions if instr == "RUN")
+    assert 'echo "megatron-core==${MEGATRON_CORE_VERSION}" >> "${OPD_CONSTRAINTS}"' in runs
+    assert "python3 -m megatron_opd.versions --strict --gpu" in runs
+    from_line = next(args for instr, args in instructions if instr == "FROM")
+    assert from_line == "nvcr.io/nvidia/pytorch:${NGC_TAG}"
 
 
 def test_dockerfile_keeps_the_base_torch_and_runs_as_non_root():
