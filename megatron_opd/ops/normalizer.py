@@ -14,9 +14,18 @@ import torch
 
 from megatron_opd.ops.shard import VocabShard, all_gather_stack, compute_dtype
 
+# A shifted logit (or log-prob) below this has exp() == 0 exactly in fp32 and fp64 (exp underflows
+# below about −745). Clamping −inf up to it changes no value and keeps 0·(−inf) = NaN out of the
+# Σ p·z sums and the entropy gradient (masked or −inf logit columns).
+LOG_ZERO = -1.0e4
+
 
 def local_softmax_stats(chunk: torch.Tensor, with_entropy: bool) -> torch.Tensor:
-    """(m_r, S_r, A_r) of one shard. chunk: [n, V_valid] any float dtype -> [n, 3] compute dtype."""
+    """(m_r, S_r, A_r) of one shard. chunk: [n, V_valid] any float dtype -> [n, 3] compute dtype.
+
+    −inf logits are allowed (they get probability 0); a row whose shard is all −inf contributes
+    like a padding-only shard (m_r = −inf, S_r = A_r = 0).
+    """
     cdtype = compute_dtype(chunk.dtype)
     n = chunk.shape[0]
     if chunk.shape[1] == 0:  # a shard made only of vocab padding contributes nothing
@@ -24,12 +33,15 @@ def local_softmax_stats(chunk: torch.Tensor, with_entropy: bool) -> torch.Tensor
         stats[:, 0] = float("-inf")
         return stats
     row_max = chunk.amax(dim=-1).to(cdtype)  # [n]
-    shifted = chunk.to(cdtype, copy=True).sub_(row_max[:, None])  # [n, V_valid], the one fp32 copy
+    safe_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # an all −inf row must not give −inf − −inf
+    shifted = chunk.to(cdtype, copy=True).sub_(safe_max[:, None]).clamp_min_(LOG_ZERO)  # [n, V_valid], the one copy
     if with_entropy:
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
-        # Σ exp·shifted as a batched dot product: no third [n, V] temporary.
-        weighted = torch.bmm(exp.unsqueeze(1), shifted.unsqueeze(2)).view(n)
+        # Σ exp·shifted in place in ``shifted`` (no third [n, V] temporary). A summation, not a
+        # bmm/dot: torch's reductions sum pairwise, a GEMM accumulates ~V terms in a row (and may
+        # use TF32 on GPUs), which cost ~1e-3 of entropy at V = 151,936.
+        weighted = shifted.mul_(exp).sum(dim=-1)
     else:
         sum_exp = shifted.exp_().sum(dim=-1)
         weighted = torch.zeros_like(sum_exp)
@@ -69,6 +81,7 @@ def softmax_grad_chunk(chunk, log_z, entropy, grad_logprob, grad_entropy, out=No
         log_p = chunk.to(cdtype, copy=True).sub_(log_z[:, None])  # [n, V_valid]
     else:
         log_p = torch.sub(chunk.to(cdtype), log_z[:, None], out=out)
+    log_p.clamp_min_(LOG_ZERO)  # −inf columns: p = 0 exactly and a finite (log p + H) factor, not 0·inf
     prob = log_p.exp()
     if grad_entropy is None:
         return torch.mul(prob, -grad_logprob[:, None], out=log_p)
