@@ -12,7 +12,8 @@ fields of local files are kept). By default the records are read from the hub wi
 
 With ``data_dir`` they are read from ``{data_dir}/{name}.jsonl`` instead (same record shape; this
 is how the tests and offline machines run). Counts are checked either way, so a wrong or truncated
-file fails loudly. ``toy`` is the held-out split of the embedded task (``data.toy_task``).
+file fails loudly. ``toy`` is the held-out split of the embedded task (``data.toy_task``);
+``chain`` / ``chain_val`` are the test / validation splits of the long-horizon task (``data.chain_task``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megatron_opd.data.chain_task import generate_chain_problems
 from megatron_opd.data.toy_task import generate_toy_problems
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "math500", "amc23")
 TOY_BENCHMARK = "toy"
 TOY_EVAL_SEED = 2024
 TOY_EVAL_SIZE = 128
+CHAIN_BENCHMARKS = {"chain": "test", "chain_val": "validation"}
+"""Long-horizon task benchmarks and their splits (never the train split)."""
+CHAIN_EVAL_SEED = 2024
+CHAIN_EVAL_SIZE = 256
+SYNTHETIC_BENCHMARKS = (TOY_BENCHMARK, *CHAIN_BENCHMARKS)
+"""Trained on bare problems: no instruction is appended (``EvalConfig.instruction_for``)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ FIELD_ALIASES = {"problem": ("problem", "question"), "answer": ("answer",), "id"
 
 
 def available_benchmarks() -> tuple[str, ...]:
-    return PAPER_BENCHMARKS + (TOY_BENCHMARK,)
+    return PAPER_BENCHMARKS + SYNTHETIC_BENCHMARKS
 
 
 def normalize_answer(value) -> str:
@@ -128,10 +136,12 @@ def _check(records: list[dict], name: str, origin: str) -> None:
 def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     """Records ``{id, problem, answer, ...}`` of benchmark ``name`` (see the module table).
 
-    ``data_dir``: read ``{data_dir}/{name}.jsonl`` instead of the hub. ``toy`` ignores it.
+    ``data_dir``: read ``{data_dir}/{name}.jsonl`` instead of the hub. ``toy`` and ``chain*`` ignore it.
     """
     if name == TOY_BENCHMARK:
         return generate_toy_problems(TOY_EVAL_SIZE, seed=TOY_EVAL_SEED, split="test")
+    if name in CHAIN_BENCHMARKS:
+        return generate_chain_problems(CHAIN_EVAL_SIZE, seed=CHAIN_EVAL_SEED, split=CHAIN_BENCHMARKS[name])
     if name not in HUB_SOURCES:
         raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(available_benchmarks())}")
     if data_dir is not None:

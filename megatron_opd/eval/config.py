@@ -5,7 +5,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import asdict, dataclass, field
 
-from megatron_opd.eval.benchmarks import available_benchmarks
+from megatron_opd.eval.benchmarks import SYNTHETIC_BENCHMARKS, available_benchmarks
 from megatron_opd.rollout.types import SamplingParams
 
 MATH_INSTRUCTION = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -70,7 +70,7 @@ class EvalConfig:
     def instruction_for(self, benchmark: str) -> str:
         if self.instruction is not None:
             return self.instruction
-        return TOY_INSTRUCTION if benchmark == "toy" else MATH_INSTRUCTION
+        return TOY_INSTRUCTION if benchmark in SYNTHETIC_BENCHMARKS else MATH_INSTRUCTION
 
     def generation_settings(self, benchmark: str) -> dict:
         """Everything that changes what gets generated; a resumed run must match it exactly."""

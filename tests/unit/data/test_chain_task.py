@@ -106,3 +106,16 @@ def test_bad_split_and_count_are_refused():
         generate_chain_problems(3, seed=0, split="dev")
     with pytest.raises(ValueError, match="n must be"):
         generate_chain_problems(-1, seed=0)
+
+
+def test_benchmarks_are_the_held_out_splits_with_no_instruction():
+    from megatron_opd.eval.benchmarks import available_benchmarks, load_benchmark
+    from megatron_opd.eval.config import EvalConfig
+
+    test, val = load_benchmark("chain"), load_benchmark("chain_val")
+    assert len(test) == len(val) == 256
+    assert all(split_of(r["problem"]) == "test" for r in test)
+    assert all(split_of(r["problem"]) == "validation" for r in val)
+    assert {"chain", "chain_val"} <= set(available_benchmarks())
+    assert EvalConfig(benchmarks=("chain",)).instruction_for("chain") == ""
+    assert EvalConfig(benchmarks=("chain_val",)).instruction_for("chain_val") == ""
