@@ -62,9 +62,15 @@ def build_vocab_shard(logits: torch.Tensor, group=None, vocab_size: int | None =
 
 
 def default_chunk_size(shard: VocabShard, chunk_size: int | None) -> int:
-    """Tokens per chunk: the given value, or as many rows as fit in CHUNK_ELEMENTS."""
+    """Tokens per chunk: the given value, or as many rows as fit in CHUNK_ELEMENTS.
+
+    Derived from the padded shard width ``local_size``, which is the same on every TP rank, never
+    from ``num_valid``: with a padded vocab the last rank has fewer real columns, would pick a
+    larger chunk, and the ranks would issue different numbers/sizes of collectives (gloo aborts
+    with a collective mismatch, NCCL hangs).
+    """
     if chunk_size is None:
-        return max(1, CHUNK_ELEMENTS // max(1, shard.num_valid))
+        return max(1, CHUNK_ELEMENTS // max(1, shard.local_size))
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return chunk_size

@@ -86,3 +86,51 @@ def _worker(rank, port):
 
 def test_vocab_parallel_ops_tp2_match_full_vocab():
     mp.spawn(_worker, args=(_free_port(),), nprocs=TP, join=True)
+
+
+# ---- chunk size with a padded vocab --------------------------------------------------------------
+# With 41 real ids in 2 x 24 columns, rank 0 holds 24 real columns and rank 1 holds 17. A default
+# chunk of CHUNK_ELEMENTS // (real columns) rows would be 3 rows on rank 0 and 4 on rank 1: the
+# ranks would issue 8 vs 6 all-gathers of different sizes. The chunk must come from the padded
+# width (24 on both). 24 rows span 8 chunks.
+SMALL_CHUNK_ELEMENTS = 72
+
+
+def _chunk_worker(rank, port):
+    import datetime
+
+    import megatron_opd.ops.shard as shard_module
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    # A mismatch must fail fast rather than hang until the default 30-minute gloo timeout.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=TP,
+                            timeout=datetime.timedelta(seconds=60))
+    shard_module.CHUNK_ELEMENTS = SMALL_CHUNK_ELEMENTS
+    try:
+        vocab_size = 41
+        gen = torch.Generator().manual_seed(11)
+        full = 3 * torch.randn(4, 6, TP * V_LOCAL, generator=gen)
+        token_ids = torch.randint(0, vocab_size, (4, 6), generator=gen)
+        gather_ids = torch.randint(0, vocab_size, (4, 6, 3), generator=gen)
+        weights = [torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen),
+                   torch.randn(4, 6, 3, generator=gen)]
+        shard = full[..., rank * V_LOCAL:(rank + 1) * V_LOCAL].clone().requires_grad_(True)
+        group = dist.group.WORLD
+        ours = vocab_parallel_stats(shard, token_ids, gather_ids, group, vocab_size=vocab_size)  # default chunk
+        (grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ours[:3], weights)), shard)
+        ref_full = full.clone().requires_grad_(True)
+        ref = _reference(ref_full, token_ids, gather_ids, vocab_size)
+        (ref_grad,) = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ref, weights)), ref_full)
+        for mine, theirs in zip(ours[:3], ref):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, ref_grad[..., rank * V_LOCAL:(rank + 1) * V_LOCAL], rtol=1e-5, atol=1e-5)
+        top_values, _ = vocab_parallel_topk(shard.detach(), 5, group, vocab_size=vocab_size, return_logprobs=True)
+        ref_top = torch.log_softmax(full[..., :vocab_size], -1).topk(5, dim=-1).values
+        torch.testing.assert_close(top_values, ref_top, rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_default_chunks_agree_across_ranks_with_padded_vocab():
+    mp.spawn(_chunk_worker, args=(_free_port(),), nprocs=TP, join=True)
