@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import math
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -171,13 +172,9 @@ class WeightSyncClient:
                                 weight_version: str | None = None) -> str:
         """Broadcasts tensors (rank 0 = trainer) while every worker's HTTP call receives them."""
         version = weight_version or f"v{next(self._versions)}"
-        payload = {"names": [n for n, _ in named_tensors],
-                   "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named_tensors],
-                   "shapes": [list(t.shape) for _, t in named_tensors], "group_name": group_name,
-                   "flush_cache": True, "weight_version": version}
+        payload = distributed_update_payload(named_tensors, group_name, version)
         thread, box = self._post_in_background([(u, "/update_weights_from_distributed", payload) for u in self.urls])
-        for _, tensor in named_tensors:
-            torch.distributed.broadcast(tensor, src=0, group=group)  # collective: trainer -> all worker ranks
+        broadcast_named_tensors(named_tensors, group)
         _join(thread, box)
         return version
 
@@ -208,14 +205,50 @@ def _join(thread: threading.Thread, box: dict) -> None:
             raise SGLangError(f"weight update call failed: {body.get('message')}")
 
 
-def trainer_update_group(master_address: str, master_port: int, world_size: int, group_name: str, backend: str):
-    """The trainer's side (rank 0) of SGLang's custom update group, formed through a TCP rendezvous."""
+def trainer_update_group(master_address: str, master_port: int, world_size: int, group_name: str, backend: str,
+                         timeout: timedelta | None = None):
+    """The trainer's side (rank 0) of SGLang's custom update group, formed through a TCP rendezvous.
+
+    Mirrors what every SGLang worker does in ``init_custom_process_group``: rank 0 hosts the TCP store,
+    the store is wrapped in ``PrefixStore(group_name, ...)`` (without the same prefix the two sides
+    look for each other's keys under different names and wait until the timeout) and the group is
+    made with an explicit timeout (torch >= 2.13 raises TypeError without one).
+    """
     from torch.distributed import distributed_c10d as c10d
 
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size))
-    group, _ = c10d._new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name)
+    timeout = timeout or c10d.default_pg_timeout
+    # blocks until every worker rank connected to the store (rank 0 = the trainer hosts it)
+    store, rank, world_size = next(c10d.rendezvous(_tcp_url(master_address, master_port), 0, world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    store = c10d.PrefixStore(group_name, store)
+    # collective: every member builds its backend from the shared store
+    group, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
+                                              group_name=group_name, timeout=timeout)
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def distributed_update_payload(named_tensors: list[tuple[str, torch.Tensor]], group_name: str, version: str) -> dict:
+    """Body of ``/update_weights_from_distributed``: each worker allocates ``torch.empty(shape,
+    dtype=getattr(torch, dtype))`` per name, then receives the broadcasts in this order."""
+    return {"names": [n for n, _ in named_tensors],
+            "dtypes": [str(t.dtype).removeprefix("torch.") for _, t in named_tensors],
+            "shapes": [list(t.shape) for _, t in named_tensors], "group_name": group_name,
+            "flush_cache": True, "weight_version": version}
+
+
+def broadcast_named_tensors(named_tensors: list[tuple[str, torch.Tensor]], group) -> None:
+    """The trainer's half of an update: one broadcast from rank 0 per tensor, in payload order."""
+    for _, tensor in named_tensors:
+        # collective: trainer -> every worker rank (a broadcast needs contiguous memory)
+        torch.distributed.broadcast(tensor.detach().contiguous(), src=0, group=group)
+
+
+def _tcp_url(host: str, port: int) -> str:
+    """``tcp://host:port``, an IPv6 literal in brackets (as SGLang's NetworkAddress writes it)."""
+    host = host.strip("[]")
+    return f"tcp://[{host}]:{int(port)}" if ":" in host else f"tcp://{host}:{int(port)}"
 
 
 def _json_or_error(response: httpx.Response, url: str, path: str) -> dict:
