@@ -26,13 +26,17 @@
 #   MASTER_PORT [29500]    rendezvous port
 #   GPUS_PER_NODE [GPUs listed by nvidia-smi, else 8]    trainer processes per node
 #   TRAIN_GPUS [unset]     CUDA_VISIBLE_DEVICES for the trainer (e.g. 0,1,2,3 when the other GPUs
-#                          serve SGLang); sets GPUS_PER_NODE to its length when that is unset
+#                          serve SGLang); sets GPUS_PER_NODE to its length when that is unset.
+#                          Unset means GPUs 0..GPUS_PER_NODE-1. With START_SERVERS=1 the trainer's
+#                          GPUs, STUDENT_GPUS [0] and TEACHER_GPUS [1] must be disjoint (refused otherwise)
 #  parallelism (world size NNODES*GPUS_PER_NODE must be divisible by TP*PP*CP; DP is the rest)
 #   TP [1]                 --tensor-model-parallel-size
 #   PP [1]                 --pipeline-model-parallel-size
 #   VPP [unset]            --virtual-pipeline-model-parallel-size (needs PP>1)
 #   CP [1]                 --context-parallel-size
 #   SP [auto]              --sequence-parallel: auto = on when TP>1; 1 = on (needs TP>1); 0 = off
+#   DISTRIBUTED_TIMEOUT_MINUTES [unset: trainer default, 60]   --distributed-timeout-minutes (every
+#                          NCCL group; must outlast rank 0's evaluation / HF export)
 #  models
 #   MODELS_DIR [/models]   where the model directories live (the Docker image mounts it there)
 #   STUDENT_HF [$MODELS_DIR/Qwen3-1.7B]       --student-hf (HF config + tokenizer of the student)
@@ -121,6 +125,7 @@ set_defaults() {
     NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; GPUS_PER_NODE=${GPUS_PER_NODE:-$(count_gpus)}
     TP=${TP:-1}; PP=${PP:-1}; VPP=${VPP:-}; CP=${CP:-1}; SP=${SP:-auto}
+    DISTRIBUTED_TIMEOUT_MINUTES=${DISTRIBUTED_TIMEOUT_MINUTES:-}
     MODELS_DIR=${MODELS_DIR:-/models}; STUDENT_HF=${STUDENT_HF:-$MODELS_DIR/Qwen3-1.7B}
     STUDENT_MCORE=${STUDENT_MCORE-$STUDENT_HF-mcore}; TEACHER_HF=${TEACHER_HF:-$MODELS_DIR/Qwen3-8B}
     BF16=${BF16:-1}; SGLANG_HOST=${SGLANG_HOST:-$MASTER_ADDR}
@@ -176,6 +181,40 @@ validate_layout() {
     esac
 }
 
+# gpu_ids LIST -> one GPU id per line (LIST is comma-separated)
+gpu_ids() { echo "$1" | tr ',' '\n' | grep .; }
+
+# check_gpu_split: with START_SERVERS=1 the servers this node starts and the trainer must not share a
+# GPU (the SGLang KV cache reserves most of a GPU's memory; the trainer would then run out of it)
+check_gpu_split() {
+    local train student teacher id shared=() free=()
+    if [ -n "${TRAIN_GPUS:-}" ]; then
+        [[ "$TRAIN_GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "TRAIN_GPUS must be comma-separated GPU ids, got '$TRAIN_GPUS'"
+        (( $(gpu_ids "$TRAIN_GPUS" | wc -l) == GPUS_PER_NODE )) \
+            || die "GPUS_PER_NODE=$GPUS_PER_NODE but TRAIN_GPUS=$TRAIN_GPUS lists $(gpu_ids "$TRAIN_GPUS" | wc -l) GPU(s); make them agree (or unset GPUS_PER_NODE)"
+    fi
+    [ "$START_SERVERS" = 1 ] || return 0
+    train=${TRAIN_GPUS:-$(seq -s, 0 $(( GPUS_PER_NODE - 1 )))}
+    student=${STUDENT_GPUS:-0}; teacher=${TEACHER_GPUS:-1}
+    for id in $(gpu_ids "$student"); do
+        if gpu_ids "$teacher" | grep -qx "$id"; then
+            die "STUDENT_GPUS=$student and TEACHER_GPUS=$teacher share GPU $id; give each server role its own GPUs"
+        fi
+    done
+    for id in $(gpu_ids "$train"); do
+        if gpu_ids "$student,$teacher" | grep -qx "$id"; then shared+=("$id"); fi
+    done
+    (( ${#shared[@]} == 0 )) && return 0
+    # the node's GPUs: as many as the trainer asked for, or up to the highest id any list names
+    local node_gpus
+    node_gpus=$(gpu_ids "$train,$student,$teacher" | sort -n | tail -1)
+    node_gpus=$(( node_gpus + 1 > GPUS_PER_NODE ? node_gpus + 1 : GPUS_PER_NODE ))
+    for id in $(seq 0 $(( node_gpus - 1 ))); do
+        if ! gpu_ids "$student,$teacher" | grep -qx "$id"; then free+=("$id"); fi
+    done
+    die "the trainer's GPUs (TRAIN_GPUS=${TRAIN_GPUS:-unset: 0..$(( GPUS_PER_NODE - 1 ))}) overlap the SGLang servers' (STUDENT_GPUS=$student, TEACHER_GPUS=$teacher) on GPU(s) $(IFS=,; echo "${shared[*]}"); set TRAIN_GPUS to GPUs the servers do not use, e.g. TRAIN_GPUS=$(IFS=,; echo "${free[*]}")"
+}
+
 # server_urls ROLE -> endpoints tools/sglang_servers.sh gives the trainer for ROLE on SGLANG_HOST
 server_urls() {
     ADVERTISE_HOST="$SGLANG_HOST" bash "$REPO_ROOT/tools/sglang_servers.sh" urls "$1"
@@ -195,7 +234,7 @@ build_train_args() {
     TRAIN_ARGS=()
     flag tensor-model-parallel-size "$TP"; flag pipeline-model-parallel-size "$PP"
     flag virtual-pipeline-model-parallel-size "$VPP"; flag context-parallel-size "$CP"
-    switch sequence-parallel "$SP"
+    switch sequence-parallel "$SP"; flag distributed-timeout-minutes "$DISTRIBUTED_TIMEOUT_MINUTES"
     flag student-hf "$STUDENT_HF"; flag load "$STUDENT_MCORE"; switch bf16 "$BF16"
     if [ "$TEACHER_URLS" = local ]; then flag teacher-hf "$TEACHER_HF"; fi
     flag rollout-url "$ROLLOUT_URLS"; flag teacher-url "$TEACHER_URLS"
@@ -308,6 +347,7 @@ main() {
         exec "$PYTHON" -m megatron_opd.cli demo "$@"
     fi
     validate_layout
+    check_gpu_split
     resolve_endpoints
     build_train_args
     build_command "$@"

@@ -12,6 +12,7 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -38,6 +39,10 @@ class ParallelConfig:
     """Base seed for Python, NumPy, torch and Megatron's model-parallel RNG tracker."""
     backend: str = "auto"
     """torch.distributed backend: "auto" (nccl with CUDA, gloo without), "nccl" or "gloo"."""
+    distributed_timeout_minutes: int = 60
+    """Timeout of every process group (the world group and Megatron's). torch's NCCL default is 10
+    minutes, shorter than rank 0's periodic evaluation or HF export while the other ranks wait in a
+    barrier; a collective that waits longer than this aborts the job instead of hanging forever."""
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -53,6 +58,9 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
             raise ValueError("ParallelConfig.sequence_parallel=True needs tensor_model_parallel_size >= 2, "
                              f"got {self.tensor_model_parallel_size}")
+        if self.distributed_timeout_minutes < 1:
+            raise ValueError("ParallelConfig.distributed_timeout_minutes must be >= 1, "
+                             f"got {self.distributed_timeout_minutes}")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise ValueError(f"ParallelConfig.backend must be 'auto', 'nccl' or 'gloo', got {self.backend!r}")
 
@@ -115,19 +123,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(backend: str, timeout: timedelta) -> None:
     """Join torchrun's group (env vars) or make a 1-process group on a free 127.0.0.1 port."""
     if dist.is_initialized():
         return
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend)  # reads MASTER_ADDR/PORT, RANK, WORLD_SIZE
+        dist.init_process_group(backend=backend, timeout=timeout)  # reads MASTER_ADDR/PORT, RANK, WORLD_SIZE
         return
     if backend == "nccl":
         torch.cuda.set_device(0)
     dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
-                            world_size=1, rank=0)
+                            world_size=1, rank=0, timeout=timeout)
+
+
+def process_group_timeout(group: dist.ProcessGroup | None = None) -> timedelta:
+    """The timeout a process group's backend enforces (default: the world group)."""
+    group = group or dist.group.WORLD
+    device = torch.device("cuda") if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    return group._get_backend(device).options._timeout  # no public getter in torch.distributed
 
 
 def _check_world_size(cfg: ParallelConfig, world_size: int) -> None:
@@ -187,7 +202,7 @@ def initialize_distributed(cfg: ParallelConfig) -> ParallelState:
     shim and uses gloo.
     """
     apply_cpu_shim()  # no-op with CUDA
-    _init_process_group(cfg.resolved_backend())
+    _init_process_group(cfg.resolved_backend(), timedelta(minutes=cfg.distributed_timeout_minutes))
     _check_world_size(cfg, dist.get_world_size())
     from megatron.core import parallel_state as mpu
 
@@ -198,6 +213,7 @@ def initialize_distributed(cfg: ParallelConfig) -> ParallelState:
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        distributed_timeout_minutes=cfg.distributed_timeout_minutes,
     )
     _set_seeds(cfg)
     return _build_state(cfg)

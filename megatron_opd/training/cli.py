@@ -23,6 +23,8 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
                                                "virtual pipeline stages per PP rank"),
     "--context-parallel-size": ("parallel", "context_parallel_size", None, "CP degree (needs Transformer Engine)"),
     "--sequence-parallel": ("parallel", "sequence_parallel", None, "sequence parallelism (needs TP > 1)"),
+    "--distributed-timeout-minutes": ("parallel", "distributed_timeout_minutes", None,
+                                      "timeout of every process group (rank 0 evaluates/exports while others wait)"),
     # model
     "--student-hf": ("model", "student_hf", str, "HF dir of the student (config + tokenizer [+ weights])"),
     "--teacher-hf": ("model", "teacher_hf", str, "HF dir of the teacher for --teacher-url local"),

@@ -21,7 +21,7 @@ ACCEPTANCE_ENV = {"DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "0", "GPUS_PER_NOD
 # variables a caller may have exported that would change the plan
 _LAUNCH_VARS = re.compile(r"^(TP|PP|VPP|CP|SP|NNODES|NODE_RANK|MASTER_ADDR|MASTER_PORT|GPUS_PER_NODE|TRAIN_GPUS|"
                           r"ROLLOUT_URLS|TEACHER_URLS|MODE|DRY_RUN|START_SERVERS|EXTRA_ARGS|TORCHRUN|PYTHON|"
-                          r"(STUDENT|TEACHER)_\w+|GATE\w*|RUN_DIR|SGLANG_\w+|ROUTER\w*|ADVERTISE_HOST)$")
+                          r"(STUDENT|TEACHER)_\w+|GATE\w*|RUN_DIR|SGLANG_\w+|ROUTER\w*|ADVERTISE_HOST|DISTRIBUTED_\w+)$")
 
 
 def _env(**extra):
@@ -157,6 +157,34 @@ def test_start_servers_plan_lists_server_commands():
     assert "layout: NNODES=1 GPUS_PER_NODE=4 world=4" in plan
     assert plan.count("sglang.launch_server") == 3 and "sglang_router.launch_router" in plan
     assert "CUDA_VISIBLE_DEVICES=6,7" in plan and "CUDA_VISIBLE_DEVICES=0,1,2,3" in plan
+
+
+@pytest.mark.parametrize("extra, message", [
+    # the defaults: servers on GPUs 0 and 1, the trainer on all 8 -> refused, with a working suggestion
+    ({}, "overlap the SGLang servers' (STUDENT_GPUS=0, TEACHER_GPUS=1) on GPU(s) 0,1; set TRAIN_GPUS to GPUs "
+         "the servers do not use, e.g. TRAIN_GPUS=2,3,4,5,6,7"),
+    ({"TRAIN_GPUS": "0,1,2,3", "STUDENT_GPUS": "3", "TEACHER_GPUS": "4"}, "on GPU(s) 3;"),
+    ({"TRAIN_GPUS": "0,1", "STUDENT_GPUS": "4", "TEACHER_GPUS": "4,5"},
+     "STUDENT_GPUS=4 and TEACHER_GPUS=4,5 share GPU 4"),
+    ({"TRAIN_GPUS": "0,1", "GPUS_PER_NODE": "8", "STUDENT_GPUS": "2", "TEACHER_GPUS": "3"},
+     "GPUS_PER_NODE=8 but TRAIN_GPUS=0,1 lists 2 GPU(s)"),
+])
+def test_servers_and_trainer_on_the_same_gpus_are_refused(extra, message):
+    base = {"DRY_RUN": "1", "START_SERVERS": "1"}
+    if "TRAIN_GPUS" not in extra:
+        base["GPUS_PER_NODE"] = "8"  # else derived from TRAIN_GPUS
+    result = _run(LAUNCHER, env=_env(**{**base, **extra}))
+    assert result.returncode != 0 and "torchrun" not in result.stdout, result.stdout
+    assert message in result.stderr
+
+
+def test_disjoint_gpu_split_and_the_timeout_flag_pass():
+    plan = _run(LAUNCHER, env=_env(DRY_RUN="1", START_SERVERS="1", TRAIN_GPUS="2,3,4,5,6,7",
+                                   DISTRIBUTED_TIMEOUT_MINUTES="120"))
+    assert plan.returncode == 0, plan.stderr
+    words = _torchrun_words(plan.stdout)
+    assert _value(words, "--distributed-timeout-minutes") == "120"
+    assert "--distributed-timeout-minutes" not in _torchrun_words(_plan())  # unset: the trainer's default
 
 
 def test_help_documents_every_variable():

@@ -17,7 +17,7 @@ FROZEN_FLAGS = sorted(FLAGS)
 def test_flag_set_is_frozen():
     expected = {
         "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size",
-        "--context-parallel-size", "--sequence-parallel", "--student-hf", "--teacher-hf", "--bf16", "--lr",
+        "--context-parallel-size", "--sequence-parallel", "--distributed-timeout-minutes", "--student-hf", "--teacher-hf", "--bf16", "--lr",
         "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1",
         "--adam-beta2", "--train-iters", "--micro-batch-size", "--seed", "--save", "--save-interval", "--keep-last",
         "--load", "--save-hf", "--export-hf-at", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
