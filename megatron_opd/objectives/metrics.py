@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_opd.objectives.sampled_token import capped_log_ratio, clip_bounds, clipped_branch_taken
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``values`` [B, T] over ``mask`` [B, T] (0 when no position is valid); 0-dim."""
@@ -21,10 +23,13 @@ def reverse_kl_estimate(student_logprobs: torch.Tensor, teacher_logprobs: torch.
     return masked_mean(student_logprobs.detach() - teacher_logprobs.detach(), mask)
 
 
-def ppo_clipped(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, clip_eps: float) -> torch.Tensor:
-    """bool [B, T]: the importance ratio lies outside [1 − ε, 1 + ε] (PPO clip fraction = its masked mean)."""
-    ratio = torch.exp(cur_logprobs.detach() - old_logprobs.detach())
-    return (ratio - 1).abs() > clip_eps
+def ppo_clipped(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, clip_eps, reward: torch.Tensor) -> torch.Tensor:
+    """bool [B, T]: the PPO-clipped loss −min(ρr, clip(ρ, 1−ε, 1+ε)r) takes its clipped term (PPO clip
+    fraction = its masked mean). That needs both ρ outside the range and the matching sign of the
+    reward r: ρ > 1+ε with r > 0, or ρ < 1−ε with r < 0. ``clip_eps``: ε or (ε_low, ε_high)."""
+    low, high = clip_bounds(clip_eps)
+    ratio = torch.exp(capped_log_ratio(cur_logprobs.detach() - old_logprobs.detach()))
+    return clipped_branch_taken(ratio, reward.detach(), low, high)
 
 
 def student_topk_mass(student_logits_at_topk: torch.Tensor, log_normalizer: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,48 @@ def test_mask_hides_invalid_positions_even_nan():
     assert torch.all(loss[~mask] == 0) and torch.isfinite(loss).all()
     (grad,) = torch.autograd.grad(loss.sum(), cur)
     assert torch.isfinite(grad).all() and torch.all(grad[~mask] == 0)
-    expected = ppo_clipped(cur, torch.where(mask, old, 0.0), 0.2) & mask
+    expected = ppo_clipped(cur, torch.where(mask, old, 0.0), 0.2, torch.where(mask, teacher - old, 0.0)) & mask
     torch.testing.assert_close(metrics["clip_fraction"], expected.float())
+
+
+def test_clip_fraction_counts_positions_where_the_clipped_branch_is_taken():
+    # exact arithmetic: ρ = 1.5 / 0.5 / 1.1, r = ±1 or 0, ε = 0.2 (symmetric) and (0.1, 0.6)
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.1, 1.5, 0.85]])
+    reward = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0, 0.0, -1.0]])
+    old = torch.zeros_like(ratio)
+    cur = ratio.log().requires_grad_(True)
+    cases = {0.2: [1, 0, 0, 1, 0, 0, 0], (0.1, 0.6): [0, 0, 0, 1, 0, 0, 1]}
+    for clip_eps, expected in cases.items():
+        loss, metrics = sampled_token_opd_loss(cur, old, reward, clip_eps=clip_eps, return_metrics=True)
+        torch.testing.assert_close(metrics["clip_fraction"], torch.tensor([expected], dtype=torch.float32))
+        assert ppo_clipped(cur, old, clip_eps, reward).int().tolist() == [expected]
+        # The counted positions are exactly those without gradient (r = 0 has none either way).
+        (grad,) = torch.autograd.grad(loss.sum(), cur)
+        assert ((grad == 0) & (reward != 0)).int().tolist() == [expected]
+
+
+def test_large_log_ratio_stays_finite_with_exact_gradients_where_they_matter():
+    cap = math.exp(20.0)  # MAX_LOG_RATIO: ρ is capped at e^20 in value, straight-through in gradient
+    delta = torch.tensor([[100.0, 100.0, 5.0, 5.0, -100.0]])
+    reward = torch.tensor([[1.0, -1.0, 1.0, -1.0, -1.0]])
+    old = torch.full_like(delta, -120.0)
+    cur = (old + delta).requires_grad_(True)
+    teacher = old + reward
+    rho = [cap, cap, math.exp(5.0), math.exp(5.0), math.exp(-100.0)]
+    # plain IS loss: ℓ = −ρ r, ∂ℓ/∂log π = −ρ r (ρ capped where Δ > 20)
+    loss = sampled_token_opd_loss(cur, old, teacher)
+    (grad,) = torch.autograd.grad(loss.sum(), cur)
+    expected = torch.tensor([[-p * r for p, r in zip(rho, reward[0].tolist())]])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=0.0)
+    # PPO-clipped, ε = 0.2: ρ > 1.2 with r > 0 takes the clipped branch (ℓ = −1.2 r, no gradient),
+    # ρ > 1.2 with r < 0 the unclipped one (ℓ = ρ|r|, gradient ρ|r|), ρ ≈ 0 with r < 0: ℓ = 0.8, no gradient.
+    loss, metrics = sampled_token_opd_loss(cur, old, teacher, clip_eps=0.2, return_metrics=True)
+    (grad,) = torch.autograd.grad(loss.sum(), cur)
+    torch.testing.assert_close(loss, torch.tensor([[-1.2, cap, -1.2, math.exp(5.0), 0.8]]), rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, cap, 0.0, math.exp(5.0), 0.0]]), rtol=1e-5, atol=0.0)
+    assert metrics["clip_fraction"].tolist() == [[1.0, 0.0, 1.0, 0.0, 1.0]]
+    assert torch.isfinite(metrics["ratio"]).all()
 
 
 def test_bad_inputs():
