@@ -119,20 +119,32 @@ def _parallel_fields(parallel: ParallelConfig) -> dict:
     )
 
 
-def _cpu_fields() -> dict:
-    """Settings CPU runs need (DESIGN §5): CPU init, no CUDA fusions, no batched P2P on gloo."""
-    on_gpu = torch.cuda.is_available()
+def device_fields(on_gpu: bool, use_te: bool) -> dict:
+    """Settings that depend on the target device (DESIGN §5).
+
+    CPU: CPU initialisation, every fusion off (they are CUDA kernels or CUDA-only jit paths) and no
+    batched P2P (gloo: batched isend/irecv gives silently wrong pipeline grads at PP=2, measured).
+    GPU: the jit-fused bias+SwiGLU and bias+dropout are on; the kernel fusions (RoPE, weight-gradient
+    accumulation into ``main_grad``, masked softmax, persistent LayerNorm) are on with the Transformer
+    Engine spec, whose layers bring those kernels (the local spec would need Apex's instead).
+    """
+    kernels = on_gpu and use_te
     return dict(
         use_cpu_initialization=not on_gpu,
-        # gloo: batched isend/irecv gives silently wrong pipeline grads at PP=2 (measured).
         batch_p2p_comm=on_gpu,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        bias_activation_fusion=on_gpu, bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=kernels, apply_rope_fusion=kernels,
+        gradient_accumulation_fusion=kernels, persist_layer_norm=kernels,
     )
 
 
-def to_transformer_config(hf_config, parallel: ParallelConfig, dtype: torch.dtype = torch.float32):
+def to_transformer_config(hf_config, parallel: ParallelConfig, dtype: torch.dtype = torch.float32, *,
+                          on_gpu: bool | None = None, use_te: bool | None = None):
     """Translate a HF Qwen3 config + ``ParallelConfig`` + dtype into a Megatron ``TransformerConfig``.
+
+    ``on_gpu`` is the target device (default: CUDA is available) and ``use_te`` whether Transformer
+    Engine brings the fused kernels (default: it imports); together they decide the fusions
+    (``device_fields``).
 
     Raises:
         ValueError naming the values for every split the model does not allow.
@@ -159,5 +171,14 @@ def to_transformer_config(hf_config, parallel: ParallelConfig, dtype: torch.dtyp
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         **_parallel_fields(parallel),
         **_dtype_flags(dtype),
-        **_cpu_fields(),
+        **device_fields(torch.cuda.is_available() if on_gpu is None else on_gpu,
+                        _te_importable() if use_te is None else use_te),
     )
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True

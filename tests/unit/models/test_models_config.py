@@ -61,3 +61,30 @@ def test_load_hf_config_errors_name_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
     with pytest.raises(ValueError, match=r"unsupported architecture \(model_type='llama'"):
         load_hf_config(tmp_path)
+
+
+FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "masked_softmax_fusion", "apply_rope_fusion",
+           "gradient_accumulation_fusion", "persist_layer_norm")
+
+
+def test_gpu_target_turns_the_fusions_on_and_cpu_keeps_them_off():
+    """The fusions were off only because of the CPU: a GPU-targeted config (no CUDA needed here) enables them."""
+    from megatron_opd.models.megatron_config import device_fields
+
+    gpu = device_fields(on_gpu=True, use_te=True)
+    assert all(gpu[name] for name in FUSIONS), gpu
+    assert gpu["batch_p2p_comm"] and not gpu["use_cpu_initialization"]
+    cpu = device_fields(on_gpu=False, use_te=False)
+    assert not any(cpu[name] for name in FUSIONS), cpu
+    assert cpu["use_cpu_initialization"] and not cpu["batch_p2p_comm"]
+    # GPU without TE: the jit fusions still on; the kernel fusions need TE's kernels
+    no_te = device_fields(on_gpu=True, use_te=False)
+    assert no_te["bias_activation_fusion"] and no_te["bias_dropout_fusion"] and not no_te["apply_rope_fusion"]
+
+
+def test_transformer_config_for_a_gpu_target_carries_the_jit_fusions():
+    """Through Megatron's own TransformerConfig validation (the TE kernels are absent on this CPU)."""
+    tc = to_transformer_config(tiny_qwen3_config(), ParallelConfig(), torch.bfloat16, on_gpu=True, use_te=False)
+    assert tc.bias_activation_fusion and tc.bias_dropout_fusion and not tc.use_cpu_initialization
+    cpu = to_transformer_config(tiny_qwen3_config(), ParallelConfig(), on_gpu=False)
+    assert not any(getattr(cpu, name) for name in FUSIONS) and cpu.use_cpu_initialization
