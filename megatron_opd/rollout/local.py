@@ -7,6 +7,7 @@ Batching never changes a sample: every row draws its noise from its own generato
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,15 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, t
     return ids, mask
 
 
+def cache_field_name(model: torch.nn.Module) -> str:
+    """Name of the KV cache in ``model.forward``'s arguments and outputs.
+
+    transformers 5.2x renamed ``past_key_values`` to ``cache`` (the old name warns, and goes away in
+    5.40); the releases before only know ``past_key_values``. Both sides use the same name.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class _Decoder:
     """KV-cached incremental forward of a left-padded batch."""
 
@@ -65,6 +75,7 @@ class _Decoder:
         self.input_ids, self.mask = left_pad(prompts)
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         self.cache = None
+        self.cache_name = cache_field_name(model)
 
     def first_logits(self) -> torch.Tensor:
         return self._forward(self.input_ids, self.positions)
@@ -77,8 +88,8 @@ class _Decoder:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions,
-                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+                         use_cache=True, logits_to_keep=1, **{self.cache_name: self.cache})
+        self.cache = getattr(out, self.cache_name)
         return out.logits[:, -1, :]
 
 

@@ -167,3 +167,24 @@ def test_update_weights_errors_name_tensors(model):
         engine.update_weights(state)
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
         engine.update_weights("/nonexistent_dir_xyz")
+
+
+def test_cached_decoding_uses_the_current_cache_argument(model, capfd):
+    """No deprecation noise from transformers in the sampler: the KV cache is passed under the name
+    the installed ``forward`` takes (``cache`` in transformers 5.2x, ``past_key_values`` before)."""
+    import inspect
+    import warnings
+
+    from megatron_opd.rollout.local import cache_field_name
+
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert cache_field_name(model) == expected
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, n=1, seed=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = LocalRolloutEngine(model).generate(PROMPTS[:2], params)
+    assert all(len(s.response_ids) == 8 for s in samples)
+    noise = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    assert not noise, noise
+    err = capfd.readouterr().err
+    assert "deprecated" not in err, err
