@@ -15,7 +15,7 @@ the benchmark prints the largest difference and fails if it exceeds ``--loss-tol
 
     .venv/bin/python benchmarks/bench_train_speed.py --shape long --threads 1
     .venv/bin/python benchmarks/bench_train_speed.py --shape toy --threads 2
-    .venv/bin/python benchmarks/bench_train_speed.py --shape long --profile megatron   # torch.profiler table
+    .venv/bin/python benchmarks/bench_train_speed.py --shape long --profile   # op breakdown of both sides
 """
 
 from __future__ import annotations
@@ -71,8 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--loss-tol", type=float, default=None,
                         help="largest allowed |loss_megatron - loss_hf| (default 1e-4 fp32, 5e-2 bf16)")
-    parser.add_argument("--profile", choices=("megatron", "hf"), default=None,
-                        help="profile 3 steps of one side with torch.profiler instead of timing")
+    parser.add_argument("--profile", action="store_true",
+                        help="torch.profiler op breakdown of both sides (3 alternating steps) instead of timing")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -154,15 +154,41 @@ def hf_step(model, optimizer, exp, micro_batch: int) -> float:
     return total / num_tokens.item()
 
 
-def profile_side(step_fn, label: str) -> None:
-    from torch.profiler import ProfilerActivity, profile
+def _top_range(event) -> str | None:
+    """The ``side:<name>`` record_function range an op event ran under, if any."""
+    while event is not None:
+        if event.name.startswith("side:"):
+            return event.name[len("side:"):]
+        event = event.cpu_parent
+    return None
 
-    step_fn()  # warm-up
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        for _ in range(3):
-            step_fn()
-    print(f"== torch.profiler, {label}, 3 steps ==")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+def profile_sides(sides: dict, steps: int = 3, rows: int = 25) -> None:
+    """torch.profiler over alternating steps of both sides; self CPU time per op, side by side."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    for step in sides.values():
+        step()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            for name, step in sides.items():
+                with record_function(f"side:{name}"):
+                    step()
+    self_ms: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for event in prof.events():
+        side = _top_range(event)
+        if side is not None and not event.name.startswith("side:"):
+            self_ms[event.name][side] += event.self_cpu_time_total / 1000 / steps
+    names = list(sides)
+    totals = {n: sum(per[n] for per in self_ms.values()) for n in names}
+    print(f"== self CPU ms per step (torch.profiler, {steps} alternating steps) ==")
+    print("| op | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for op, per in sorted(self_ms.items(), key=lambda kv: -max(kv[1].values()))[:rows]:
+        print(f"| {op[:60]} | " + " | ".join(f"{per[n]:.1f}" for n in names) + " |")
+    print("| total | " + " | ".join(f"{totals[n]:.1f}" for n in names) + " |")
 
 
 def main(argv=None) -> int:
@@ -189,7 +215,7 @@ def main(argv=None) -> int:
           f"per step ({int(exp.loss_mask.sum())} loss tokens), micro-batch {micro_batch}, "
           f"{'bf16' if args.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
     if args.profile:
-        profile_side(sides[args.profile], args.profile)
+        profile_sides(sides)
         return 0
     times = {name: [] for name in sides}
     losses = {name: [] for name in sides}
