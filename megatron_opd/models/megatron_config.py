@@ -171,9 +171,20 @@ def to_transformer_config(hf_config, parallel: ParallelConfig, dtype: torch.dtyp
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         **_parallel_fields(parallel),
         **_dtype_flags(dtype),
-        **device_fields(torch.cuda.is_available() if on_gpu is None else on_gpu,
-                        _te_importable() if use_te is None else use_te),
+        **_available_device_fields(torch.cuda.is_available() if on_gpu is None else on_gpu,
+                                   _te_importable() if use_te is None else use_te),
     )
+
+
+def _available_device_fields(on_gpu: bool, use_te: bool) -> dict:
+    """``device_fields`` minus the weight-gradient fusion when its kernel is missing: Megatron's own
+    output layer (not a TE layer) needs Apex's ``fused_weight_gradient_mlp_cuda`` for it and refuses
+    to build without it."""
+    from megatron.core.tensor_parallel import layers
+
+    fields = device_fields(on_gpu, use_te)
+    fields["gradient_accumulation_fusion"] &= layers._grad_accum_fusion_available
+    return fields
 
 
 def _te_importable() -> bool:
