@@ -13,6 +13,11 @@ import sys
 
 
 def _train(argv: list[str]) -> int:
+    import os
+
+    from megatron_opd.platform.fallbacks import fallback_summary, quiet_megatron_fallbacks
+
+    quiet_megatron_fallbacks()  # before megatron is imported: one summary line instead of a wall of warnings
     from megatron_opd.training.cli import parse_config
     from megatron_opd.training.config import ConfigError
 
@@ -21,6 +26,8 @@ def _train(argv: list[str]) -> int:
     except ConfigError as err:
         print(f"megatron-opd train: error: {err}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(fallback_summary(), file=sys.stderr, flush=True)
     from megatron_opd.training.loop import train
 
     train(cfg)
