@@ -9,6 +9,7 @@ CUDA is available: on a GPU Megatron runs unpatched.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -32,10 +33,20 @@ def _to_cpu_device(device):
 
 
 class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites ``device=cuda`` kwargs and ``.cuda()`` / ``.to("cuda")`` calls to the CPU."""
+    """Rewrites ``device=cuda`` kwargs and ``.cuda()`` / ``.to("cuda")`` calls to the CPU.
+
+    While ``report_cuda_type_names`` is set (only inside the Megatron optimizer constructors, see
+    ``_patch_megatron_mixed_precision``), ``tensor.type()`` answers with the CUDA type name
+    ("torch.cuda.BFloat16Tensor" for a CPU bf16 tensor).
+    """
+
+    report_cuda_type_names = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.Tensor.type and self.report_cuda_type_names and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not args[0].is_cuda else name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
         if func is torch.Tensor.cuda:
@@ -119,6 +130,32 @@ def _patch_megatron_optimizer() -> None:
                "gradient clipping asserts grads are torch.cuda.FloatTensor")
 
 
+def _with_cuda_type_names(init):
+    """Wrap an optimizer ``__init__`` so that its ``param.type()`` checks see CUDA type names."""
+
+    @functools.wraps(init)
+    def wrapped(*args, **kwargs):
+        mode = _DEVICE_MODE
+        previous, mode.report_cuda_type_names = mode.report_cuda_type_names, True
+        try:
+            return init(*args, **kwargs)
+        finally:
+            mode.report_cuda_type_names = previous
+
+    return wrapped
+
+
+def _patch_megatron_mixed_precision() -> None:
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+
+    # Megatron sorts parameters into fp16/bf16 (get an fp32 main copy) and fp32 groups by comparing
+    # param.type() with 'torch.cuda.BFloat16Tensor' etc., and raises TypeError for anything else.
+    for cls in (mcore_optimizer.Float16OptimizerWithFloat16Params, distrib_optimizer.DistributedOptimizer):
+        _patch(cls, "__init__", _with_cuda_type_names(cls.__init__),
+               "the mixed-precision optimizers accept only tensors whose type() names CUDA")
+
+
 def apply_cpu_shim() -> bool:
     """Apply every CPU patch once. Idempotent; a no-op when CUDA is available.
 
@@ -133,6 +170,7 @@ def apply_cpu_shim() -> bool:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _patch_megatron_optimizer()
+    _patch_megatron_mixed_precision()
     # ~30 places in Megatron hard-code device="cuda"; one process-wide mode maps them to the CPU
     # (measured overhead ~2%).
     _DEVICE_MODE = _CudaToCpuMode()

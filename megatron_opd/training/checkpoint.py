@@ -102,6 +102,17 @@ def find_resumable(load_dir: str) -> Path | None:
     return complete[-1] if complete else None
 
 
+def find_run_to_resume(save_dir: str | None, load_dir: str | None) -> Path | None:
+    """The run checkpoint a (re)started job resumes from: its own --save directory first (Megatron's
+    convention), then --load; None when neither holds one (a --load of a converted checkpoint gives
+    the starting weights only)."""
+    for source in (save_dir, load_dir):
+        path = find_resumable(source) if source and Path(source).is_dir() else None
+        if path is not None:
+            return path
+    return None
+
+
 def load_run_checkpoint(path: Path, student) -> dict:
     """Collective. Restores model, optimizer, scheduler and RNG; returns the trainer state."""
     from megatron_opd.models import load_checkpoint

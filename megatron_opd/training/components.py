@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_opd.data.prompts import load_prompts
 from megatron_opd.platform import ParallelState
 from megatron_opd.rollout.types import SamplingParams
+from megatron_opd.training.checkpoint import find_run_to_resume
 from megatron_opd.training.config import ConfigError, OPDConfig
 from megatron_opd.training.experience_maker import RolloutExperienceMaker, SFTExperienceMaker
 from megatron_opd.training.loss import LossSettings, MicrobatchLoss
@@ -64,13 +65,20 @@ def sampling_params(cfg: OPDConfig, tokenizer) -> SamplingParams:
                           stop_token_ids=(tokenizer.eos_token_id,), suppress_token_ids=tuple(sorted(suppress)))
 
 
-def _hf_weights(cfg: OPDConfig) -> dict | None:
-    """Initial student weights from --student-hf when it holds safetensors and --load is not given."""
-    if cfg.checkpoint.load or not list(Path(cfg.model.student_hf).glob("*.safetensors")):
-        return None
+def _initial_weights(cfg: OPDConfig) -> dict:
+    """Where the student's weights come from, as ``build_student`` keywords: none when the run resumes
+    (the run checkpoint restores them), else the Megatron checkpoint of --load, else the safetensors
+    of --student-hf when it holds any (random weights otherwise)."""
+    ckpt = cfg.checkpoint
+    if find_run_to_resume(ckpt.save, ckpt.load) is not None:
+        return {"hf_weights": None}
+    if ckpt.load:
+        return {"hf_weights": None, "megatron_checkpoint": ckpt.load}
+    if not list(Path(cfg.model.student_hf).glob("*.safetensors")):
+        return {"hf_weights": None}
     from megatron_opd.models import read_hf_checkpoint
 
-    return read_hf_checkpoint(cfg.model.student_hf)
+    return {"hf_weights": read_hf_checkpoint(cfg.model.student_hf)}
 
 
 def _check_teacher_tokenizer(cfg: OPDConfig, tokenizer) -> None:
@@ -107,8 +115,8 @@ def build_components(cfg: OPDConfig, state: ParallelState) -> Components:
     prompts, counts = load_prompts(cfg.data, tokenizer, need_solution=is_sft)
     pad_multiple = state.tp_size if cfg.parallel.sequence_parallel else 1
     loss_holder: list[MicrobatchLoss] = []
-    student = build_student(cfg, state, _hf_weights(cfg),
-                            finalize_hook=lambda model: _rescale_grads(model, loss_holder[0], state))
+    student = build_student(cfg, state, finalize_hook=lambda model: _rescale_grads(model, loss_holder[0], state),
+                            **_initial_weights(cfg))
     settings = LossSettings(objective=cfg.objective.objective, gate=cfg.gate, topk=cfg.objective.topk,
                             lsm_tail=cfg.objective.lsm_tail, ppo_clip=cfg.objective.ppo_clip,
                             vocab_size=student.vocab_size, span_delimiter_ids=_span_delimiters(cfg, tokenizer))

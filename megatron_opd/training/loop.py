@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from megatron_opd.platform import ParallelState, destroy_distributed, initialize_distributed
-from megatron_opd.training.checkpoint import find_resumable, load_run_checkpoint, save_run_checkpoint
+from megatron_opd.training.checkpoint import find_run_to_resume, load_run_checkpoint, save_run_checkpoint
 from megatron_opd.training.components import Components, build_components, sync_weights
 from megatron_opd.training.config import OPDConfig
 from megatron_opd.training.metrics import MetricsLogger, derive_step_metrics
@@ -55,7 +55,7 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
     sync_weights(run)  # the rollout engine starts from the trainer's weights
     log = MetricsLogger(cfg.log.run_dir, enabled=state.rank == 0, total_steps=cfg.optim.train_iters,
                         progress=cfg.log.progress, tensorboard=cfg.log.tensorboard,
-                        wandb_project=cfg.log.wandb_project, config=cfg.to_dict())
+                        wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), start_step=step)
     log.set_position(step)
     obj, metrics = cfg.objective, {}
     while step < cfg.optim.train_iters:
@@ -112,19 +112,13 @@ def _resume(cfg: OPDConfig, run: Components) -> tuple[int, int, int]:
 
     A restarted job resumes from its own --save directory first (Megatron's convention), then from a
     run checkpoint under --load; a --load without one (e.g. from tools/convert_hf_to_megatron.py)
-    gives the starting weights only.
+    gives the starting weights only, loaded by ``build_student`` before the optimizer exists.
     """
-    ckpt = cfg.checkpoint
-    for source in (ckpt.save, ckpt.load):
-        path = find_resumable(source) if source and Path(source).is_dir() else None
-        if path is not None:
-            trainer_state = load_run_checkpoint(path, run.student)
-            return trainer_state["step"], trainer_state["batch_index"], trainer_state["bad_in_a_row"]
-    if ckpt.load:
-        from megatron_opd.models import load_checkpoint
-
-        load_checkpoint(ckpt.load, run.student.unwrapped())
-    return 0, 0, 0
+    path = find_run_to_resume(cfg.checkpoint.save, cfg.checkpoint.load)
+    if path is None:
+        return 0, 0, 0
+    trainer_state = load_run_checkpoint(path, run.student)
+    return trainer_state["step"], trainer_state["batch_index"], trainer_state["bad_in_a_row"]
 
 
 def _maybe_checkpoint(cfg: OPDConfig, run: Components, step: int, batch_index: int, bad: int,

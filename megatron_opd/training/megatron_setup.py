@@ -26,8 +26,10 @@ class Student:
 
 
 def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
-                  finalize_hook=None) -> Student:
-    """Model + DDP + optimizer + scheduler. ``hf_weights`` (HF-named) initialise the model when given.
+                  finalize_hook=None, megatron_checkpoint: str | None = None) -> Student:
+    """Model + DDP + optimizer + scheduler. The model starts from ``hf_weights`` (HF-named) or from
+    ``megatron_checkpoint`` (a ``models.save_checkpoint`` directory, e.g. from tools/convert_hf_to_megatron.py)
+    when given, random otherwise.
 
     ``finalize_hook(model_chunks)`` runs after Megatron's gradient finalisation (DP all-reduce and
     the per-token scaling) and before the optimizer step: the gate normaliser rescales there.
@@ -35,13 +37,10 @@ def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-    from megatron_opd.models import load_hf_weights
-
     hf_config = load_hf_config(cfg.model.student_hf)
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
     chunks = build_qwen3_model(hf_config, cfg.parallel, dtype=dtype)
-    if hf_weights is not None:
-        load_hf_weights(chunks, hf_weights, hf_config)
+    _load_initial_weights(chunks, hf_config, hf_weights, megatron_checkpoint)
     config = chunks[0].config
     # Losses are summed per token; Megatron divides the gradients by the global valid-token count.
     config.calculate_per_token_loss = True
@@ -56,6 +55,21 @@ def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
     scheduler = _build_scheduler(cfg, optimizer)
     return Student(model=model, optimizer=optimizer, scheduler=scheduler, hf_config=hf_config,
                    vocab_size=hf_config.vocab_size)
+
+
+def _load_initial_weights(chunks: list, hf_config, hf_weights: dict | None, megatron_checkpoint: str | None) -> None:
+    """Must run before the optimizer is built: with --bf16, Megatron's mixed-precision optimizer clones its
+    fp32 main parameters from the model when constructed, and every step copies them back into the model,
+    so weights loaded later would be replaced by the initial random ones (Megatron-LM calls
+    ``reload_model_params()`` after such a load; loading first leaves no stale copy to forget)."""
+    from megatron_opd.models import load_checkpoint, load_hf_weights
+
+    if hf_weights is not None and megatron_checkpoint is not None:
+        raise ValueError("build_student: give hf_weights or megatron_checkpoint, not both")
+    if hf_weights is not None:
+        load_hf_weights(chunks, hf_weights, hf_config)
+    if megatron_checkpoint is not None:
+        load_checkpoint(megatron_checkpoint, chunks)  # collective over all ranks
 
 
 def _finalize(megatron_finalize, hook, model, num_tokens=None, **kwargs):

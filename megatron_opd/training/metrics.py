@@ -4,9 +4,13 @@ progress bar with ETA, and TensorBoard / W&B when installed and asked for. Rank 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("loss", "reverse_kl", "gate_mean", "gate_min", "abs_drift_mean", "entropy", "response_length",
                 "grad_norm", "lr")
@@ -34,9 +38,47 @@ def derive_step_metrics(sums: dict[str, float], gate_scale: float) -> dict[str, 
     return out
 
 
+def drop_metrics_after(path: Path, step: int) -> int:
+    """Keep only the lines of ``path`` (metrics.jsonl) whose step is <= ``step``; returns how many were dropped.
+
+    A run killed after its last checkpoint logged steps that the resumed run logs again; without this
+    those steps would appear twice. The file is rewritten atomically (temp file, fsync, rename), so a
+    crash here leaves either the old or the new file. A line that does not parse can only be the last
+    one, cut short by the kill; it is dropped too.
+    """
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record_step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logger.warning("%s line %d: not a metrics record (cut short by a crash?); dropped", path, number)
+            dropped += 1
+            continue
+        if record_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w") as handle:
+            handle.writelines(kept)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    return dropped
+
+
 class MetricsLogger:
+    """``start_step`` is the step the run starts from (the resumed checkpoint's, or 0): lines a killed
+    earlier run logged past it are dropped from metrics.jsonl, so every step appears once."""
+
     def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, progress: bool,
-                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None):
+                 tensorboard: bool = False, wandb_project: str | None = None, config: dict | None = None,
+                 start_step: int = 0):
         self.enabled = enabled
         self.start = time.time()
         self.bar = self.tb = self.wandb = None
@@ -44,13 +86,14 @@ class MetricsLogger:
             return
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        drop_metrics_after(self.dir / "metrics.jsonl", start_step)
         self.file = (self.dir / "metrics.jsonl").open("a")
         if progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="opd", unit="step", dynamic_ncols=True)
         if tensorboard:
-            self.tb = _maybe_tensorboard(self.dir)
+            self.tb = _maybe_tensorboard(self.dir, start_step)
         if wandb_project:
             self.wandb = _maybe_wandb(wandb_project, config)
 
@@ -91,13 +134,14 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _maybe_tensorboard(run_dir: Path):
+def _maybe_tensorboard(run_dir: Path, start_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         print("--tensorboard: tensorboard is not installed (pip install tensorboard); not logging there")
         return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    # purge_step: TensorBoard hides the events a killed earlier run wrote past the resumed step.
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
 
 
 def _maybe_wandb(project: str, config: dict | None):
