@@ -14,7 +14,9 @@ CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import check_te_parity as tool
+from megatron_opd.platform import apply_cpu_shim
 
+apply_cpu_shim()  # first, so the recorders below wrap the shim's device mapping (outermost, see the caller)
 named = []
 def _record(original):
     def wrapper(self, *args, **kwargs):
@@ -25,8 +27,10 @@ def _record(original):
         return original(self, *args, **kwargs)
     return wrapper
 
-torch.nn.Module.to = _record(torch.nn.Module.to)
-torch.nn.Module.cuda = _record(torch.nn.Module.cuda)
+from transformers import PreTrainedModel
+for cls in (torch.nn.Module, PreTrainedModel):  # transformers overrides Module.to / .cuda
+    cls.to = _record(cls.to)
+    cls.cuda = _record(cls.cuda)
 torch.Tensor.to = _record(torch.Tensor.to)
 torch.Tensor.cuda = _record(torch.Tensor.cuda)
 results = tool.run_checks(["float32"], tp=1, use_te=False)
