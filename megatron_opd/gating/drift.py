@@ -26,7 +26,11 @@ def _check_inputs(cur_logprobs, old_logprobs, mask, config, span_ends, positions
         raise TypeError("mask and span_ends must be bool tensors")
     if config.granularity == "span" and span_ends is None:
         raise ValueError("DriftGateConfig.granularity='span' needs span_ends (bool [B, T]; see newline_span_ends)")
-    if positions is not None and (positions.dtype.is_floating_point or bool((positions < 0).any())):
+    if positions is not None and positions.dtype.is_floating_point:
+        raise ValueError("positions must hold non-negative integer global response indices")
+    if cur_logprobs.is_meta:  # meta tensors (shape/device dry runs) hold no values to check
+        return
+    if positions is not None and bool((positions < 0).any()):  # host-device sync
         raise ValueError("positions must hold non-negative integer global response indices")
     drift = cur_logprobs.detach() - old_logprobs.detach()
     bad = ~torch.isfinite(drift) & mask
@@ -35,19 +39,25 @@ def _check_inputs(cur_logprobs, old_logprobs, mask, config, span_ends, positions
         raise ValueError(f"log π_θ − log π_old is not finite at valid position {index}: check cur/old_logprobs")
 
 
+def _masked_max(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0-dim max of ``values`` over ``mask`` (−inf when nothing is valid)."""
+    if values.numel() == 0:
+        return values.new_full((), float("-inf"))
+    return torch.where(mask, values, float("-inf")).amax()
+
+
 def gate_stats(gates, drift, mask, num_units, dp_group, cp_group) -> dict[str, torch.Tensor]:
     """Gate mean/std/min/max, fraction < 0.5, |δ| mean/max and the number of units, over the whole batch."""
-    zero = torch.zeros((), dtype=torch.float64, device=gates.device)
-    g, d = gates.double()[mask], drift.double().abs()[mask]
-    sums = _dp_sum(torch.stack([g.sum(), (g * g).sum(), (g < 0.5).sum().double(), d.sum(),
-                                mask.sum().double(), num_units.double() / _group_size(cp_group)]), dp_group)
-    extremes = torch.stack([g.max() if g.numel() else zero, -g.min() if g.numel() else zero,
-                            d.max() if d.numel() else zero])
+    # Masked with where, never boolean indexing: no host sync, and it runs on any device.
+    g = torch.where(mask, gates.double(), 0.0)
+    d = torch.where(mask, drift.double().abs(), 0.0)
+    below_half = ((gates < 0.5) & mask).sum().double()
+    sums = _dp_sum(torch.stack([g.sum(), (g * g).sum(), below_half, d.sum(), mask.sum().double(),
+                                num_units.to(g.device).double() / _group_size(cp_group)]), dp_group)
+    extremes = torch.stack([_masked_max(g, mask), _masked_max(-g, mask), _masked_max(d, mask)])  # −inf if empty
     if _group_size(dp_group) > 1:
-        # collective: DP(×CP) max; empty ranks send 0, which never exceeds real values except an all-empty batch
-        extremes = torch.where(torch.tensor(g.numel() > 0), extremes, torch.full_like(extremes, -torch.inf))
-        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=dp_group)
-        extremes = torch.where(torch.isfinite(extremes), extremes, zero)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=dp_group)  # collective: DP(×CP) max
+    extremes = torch.where(torch.isfinite(extremes), extremes, 0.0)  # an all-empty batch reports 0
     count = sums[4].clamp_min(1)
     mean = sums[0] / count
     return {"gate_mean": mean, "gate_std": (sums[1] / count - mean * mean).clamp_min(0).sqrt(),
@@ -68,12 +78,11 @@ def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: to
     """
     _check_inputs(cur_logprobs, old_logprobs, mask, config, span_ends, positions)
     drift = torch.where(mask, cur_logprobs.double() - old_logprobs.double(), 0.0)
-    if positions is None:
-        positions = torch.arange(drift.shape[1], device=drift.device).expand_as(drift)
     if config.granularity == "none":
         gates, num_units = torch.ones_like(drift), torch.zeros((), dtype=torch.long)
     else:
-        unit_values, num_units = unit_drift(drift, mask, config, positions.long(), span_ends, cp_group)
+        unit_values, num_units = unit_drift(drift, mask, config, None if positions is None else positions.long(),
+                                            span_ends, cp_group)
         gates = normalize_gates(gate_values(unit_values, config), mask, config, dp_group)
     gates = torch.where(mask, gates, 0.0)
     return gates.float(), gate_stats(gates, drift, mask, num_units, dp_group, cp_group)

@@ -36,17 +36,20 @@ def _per_token_drift(drift: torch.Tensor, aggregation: str) -> torch.Tensor:
     return torch.expm1(drift) - drift
 
 
-def unit_drift(drift: torch.Tensor, mask: torch.Tensor, config: DriftGateConfig, positions: torch.Tensor,
+def unit_drift(drift: torch.Tensor, mask: torch.Tensor, config: DriftGateConfig, positions: torch.Tensor | None,
                span_ends, cp_group) -> tuple[torch.Tensor, torch.Tensor]:
     """(D_{u(t)} broadcast to every local position [B, T] (0 where a unit has no valid position),
-    number of units with a valid position)."""
+    number of units with a valid position). ``positions`` None = 0..T-1 (no host sync for the length)."""
     batch = drift.shape[0]
     length = global_length(positions, drift.shape[1], cp_group)
+    if positions is None:
+        positions = torch.arange(drift.shape[1], device=drift.device).expand_as(drift)
     units, num_units = unit_index(config.granularity, positions, length, config.block_size, span_ends, cp_group)
-    flat = (units + torch.arange(batch, device=units.device)[:, None] * num_units)[mask]
+    # Every position is added, invalid ones with weight 0: no boolean indexing (a host sync on GPUs).
+    flat = (units + torch.arange(batch, device=units.device)[:, None] * num_units).reshape(-1)
     table = torch.zeros(2, batch * num_units, dtype=torch.float64, device=drift.device)
-    table[0].index_add_(0, flat, _per_token_drift(drift, config.aggregation)[mask])
-    table[1].index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+    table[0].index_add_(0, flat, torch.where(mask, _per_token_drift(drift, config.aggregation), 0.0).reshape(-1))
+    table[1].index_add_(0, flat, mask.reshape(-1).to(torch.float64))
     if _group_size(cp_group) > 1:
         dist.all_reduce(table, group=cp_group)  # collective: CP sum of per-unit [Σ a(δ), count]
     mean = table[0] / table[1].clamp_min(1)

@@ -35,6 +35,8 @@ def check_mask(mask, ref_name: str, ref: torch.Tensor) -> torch.Tensor | None:
 
 def check_finite(name: str, tensor: torch.Tensor, mask: torch.Tensor | None) -> None:
     """NaN/inf in ``tensor`` at valid positions is an error (invalid positions may hold anything)."""
+    if tensor.is_meta:  # meta tensors (shape/device dry runs) hold no values to check
+        return
     bad = ~torch.isfinite(tensor)
     if mask is not None:
         bad &= mask.view(*mask.shape, *([1] * (tensor.dim() - mask.dim())))

@@ -38,9 +38,14 @@ class Experience:
 
     def response_positions(self) -> torch.Tensor:
         """(N, T) int64 sequence position of the logit predicting each response token (clamped in range)."""
-        steps = torch.arange(self.response_ids.shape[1])
+        steps = torch.arange(self.response_ids.shape[1], device=self.prompt_lens.device)
         positions = self.prompt_lens[:, None] - 1 + steps[None, :]
         return positions.clamp(max=self.input_ids.shape[1] - 1)
+
+    def to(self, device) -> Experience:
+        """Every tensor on ``device`` (one copy per tensor; the trainer moves each micro-batch once)."""
+        return dataclasses.replace(self, **{name: None if value is None else value.to(device, non_blocking=True)
+                                            for name, value in self._tensors().items()})
 
     def rows(self, indices: torch.Tensor) -> Experience:
         """Rows ``indices``, keeping the current sequence and response lengths."""

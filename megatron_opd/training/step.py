@@ -42,8 +42,10 @@ def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experienc
 
 
 def _forward_step(loss_func, device, data_iterator, model):
-    mb = next(data_iterator)
-    ids = mb.input_ids.to(device)
+    # The whole micro-batch goes to the model's device once: the loss reads labels, masks,
+    # positions, old/teacher log-probs and the teacher's top-K next to the logits.
+    mb = next(data_iterator).to(device)
+    ids = mb.input_ids
     seq_len = ids.shape[1]
     positions = torch.arange(seq_len, device=device).expand_as(ids)
     output = model(ids, positions, causal_mask(seq_len, device))
