@@ -9,7 +9,12 @@ normalisation it is applied exactly and for free: the micro-batches accumulate �
 Megatron's ``finalize_model_grads`` has divided the gradients by the global Σ m, the step scales
 them by Σ m / Σ m g (``GateNormalizer``). ``L = Σ m ĝ ℓ / Σ m`` with ĝ = g / mean(g) is exactly
 ``Σ m g ℓ / Σ m g``. The other normalisations (``clipped``, ``residual``) need ĝ before the loss,
-so they normalise over the micro-batch across the data-parallel ranks (documented departure).
+so they normalise over the micro-batch across the data-parallel ranks (documented departure), and
+``none`` uses the raw gates: for those the step rescale is 1 (ĝ is already the weight), so ``none``
+differs from ``mean`` and ``clipped`` weights stay in their clip range.
+
+Devices: the micro-batch arrives on the model's device (``training/step.py``) and every tensor
+built here is created on the logits' device.
 """
 
 from __future__ import annotations
@@ -40,8 +45,13 @@ class LossSettings:
 
 @dataclass
 class GateNormalizer:
-    """Σ m g and Σ m of one optimizer step, summed over micro-batches (last pipeline stage only)."""
+    """Σ m g and Σ m of one optimizer step, summed over micro-batches (last pipeline stage only).
 
+    ``enabled`` only for the exact global ``mean`` normalisation; otherwise ``scale`` is 1 and
+    no collective runs (the flag comes from the config, so it is the same on every rank).
+    """
+
+    enabled: bool = True
     weighted: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     tokens: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
 
@@ -50,12 +60,15 @@ class GateNormalizer:
         self.tokens.zero_()
 
     def add(self, gates: torch.Tensor, mask: torch.Tensor) -> None:
-        # Host-device sync (two scalars per micro-batch): cheap next to the forward/backward.
-        self.weighted += (gates * mask).sum().double().cpu()
-        self.tokens += mask.sum().double().cpu()
+        # Accumulated on the gates' device: no host sync per micro-batch (one in ``scale``).
+        self.weighted = self.weighted.to(gates.device) + torch.where(mask, gates, 0.0).sum().double()
+        self.tokens = self.tokens.to(mask.device) + mask.sum().double()
 
     def scale(self, pp_group, dp_cp_group, pp_last_rank: int, device=None) -> float:
-        """Global Σ m / Σ m g; 1 when no position was valid. ``device``: where collectives run (NCCL: CUDA)."""
+        """Global Σ m / Σ m g; 1 when no position was valid or when disabled. ``device``: where
+        collectives run (NCCL: CUDA)."""
+        if not self.enabled:
+            return 1.0
         both = torch.stack([self.weighted, self.tokens]).to(device or "cpu")
         if pp_group is not None and dist.get_world_size(pp_group) > 1:
             dist.broadcast(both, src=pp_last_rank, group=pp_group)  # collective: only the last stage has losses
@@ -94,7 +107,8 @@ def student_view(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int
     support_full = None
     if with_support:
         support = torch.cat([mb.teacher_topk_ids, mb.response_ids.unsqueeze(-1)], dim=-1)  # (b, T, K+1)
-        support_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long)  # (b, S, K+1)
+        support_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long,
+                                   device=logits.device)  # (b, S, K+1)
         support_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)
     stats = ops.vocab_parallel_stats(logits, labels, gather_ids=support_full, group=tp_group, vocab_size=vocab_size)
     return StudentView(logprobs=response_view(stats.logprobs, positions),
@@ -108,8 +122,11 @@ def position_loss(settings: LossSettings, view: StudentView, mb: Experience):
     if settings.objective == "sft":
         return -view.logprobs, {}
     if settings.objective == "sampled":
+        # mask=: padded positions may hold anything; without it a huge value there gives 0·inf = NaN
+        # in the backward of the masked sum.
         return objectives.sampled_token_opd_loss(view.logprobs, mb.old_logprobs, mb.teacher_logprobs,
-                                                 clip_eps=settings.ppo_clip, return_metrics=True)
+                                                 clip_eps=settings.ppo_clip, mask=mb.loss_mask,
+                                                 return_metrics=True)
     return objectives.topk_lsm_loss(
         view.at_support if settings.lsm_tail else view.at_support[..., :-1], mb.teacher_topk_logprobs,
         mask=mb.loss_mask, sampled_ids=mb.response_ids, teacher_topk_ids=mb.teacher_topk_ids,
@@ -132,10 +149,10 @@ class MicrobatchLoss:
         self.settings = settings
         self.tp_group = tp_group
         self.dp_cp_group = dp_cp_group
-        self.normalizer = GateNormalizer()
+        exact_mean = settings.gate.normalization == "mean"
+        self.normalizer = GateNormalizer(enabled=exact_mean)
         self.step_gate_scale = 1.0
         """Σ m / Σ m g of the last optimizer step (set by the gradient hook; for the gate metrics)."""
-        exact_mean = settings.gate.normalization == "mean"
         # With exact global mean normalisation the gate function itself must not normalise.
         self.gate_config = dataclasses.replace(settings.gate, normalization="none") if exact_mean else settings.gate
         self.local_gate_norm_group = None if exact_mean else dp_cp_group

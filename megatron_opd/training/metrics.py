@@ -21,7 +21,9 @@ def derive_step_metrics(sums: dict[str, float], gate_scale: float) -> dict[str, 
     tokens = max(sums.get("tokens", 0.0), 1.0)
     out = {"tokens": sums.get("tokens", 0.0)}
     weighted = sums.get("gate_weighted", tokens)
-    out["loss"] = sums.get("loss_sum", 0.0) / max(weighted, 1e-12)
+    # Σ m g ℓ / Σ m times the step's gate scale (Σ m / Σ m g for the exact mean normalisation, 1 for
+    # the others): the loss that was trained.
+    out["loss"] = sums.get("loss_sum", 0.0) / tokens * gate_scale
     out["entropy"] = sums.get("entropy_sum", 0.0) / tokens
     for key, value in sums.items():
         if key.endswith("_sum") and key not in ("loss_sum", "entropy_sum", "gate_sq_sum", "gate_below_half_sum"):

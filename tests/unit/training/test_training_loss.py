@@ -10,6 +10,7 @@ from megatron_opd.gating import DriftGateConfig, drift_gates
 from megatron_opd.objectives import sampled_token_opd_loss
 from megatron_opd.training.experience import Experience
 from megatron_opd.training.loss import LossSettings, MicrobatchLoss
+from megatron_opd.training.metrics import derive_step_metrics
 
 
 def make_microbatch(gen, batch=3, prompt=4, resp=10, vocab=11):
@@ -69,3 +70,67 @@ def test_sft_loss_is_negative_log_likelihood_of_the_response():
     loss_sum, num_tokens, _ = MicrobatchLoss(settings, None, None)(mb, logits)
     expected = -torch.where(mb.loss_mask, response_logprobs(logits, mb), 0.0).sum()
     assert float(loss_sum) == pytest.approx(float(expected), rel=1e-6)
+
+
+@pytest.mark.parametrize("normalization", ["mean", "none", "clipped", "residual"])
+def test_trained_gradient_equals_the_gated_token_mean_for_every_normalisation(normalization):
+    """What the trainer applies: ∇(loss_sum) / Σ m (Megatron's per-token scaling) times the step's
+    gate scale (GateNormalizer, applied after finalize_model_grads) must be ∇ of Σ m ĝ ℓ / Σ m, with
+    ĝ the gates of ``normalization`` (mean: g / mean g; none: raw g; clipped: in the clip range)."""
+    gen = torch.Generator().manual_seed(3)
+    mb = make_microbatch(gen)
+    logits = torch.randn(*mb.input_ids.shape, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    gate = DriftGateConfig(granularity="block", block_size=4, tau=2.0, normalization=normalization,
+                           clip_range=(0.5, 1.5))
+    loss_fn = MicrobatchLoss(LossSettings(objective="sampled", gate=gate, vocab_size=11), None, None)
+    loss_sum, num_tokens, report = loss_fn(mb, logits)
+    scale = loss_fn.normalizer.scale(None, None, 0)
+    (trained,) = torch.autograd.grad(loss_sum * scale / num_tokens, logits)
+    cur = response_logprobs(logits, mb)
+    ell = sampled_token_opd_loss(cur, mb.old_logprobs.double(), mb.teacher_logprobs.double())
+    gates, _ = drift_gates(cur.detach(), mb.old_logprobs.double(), mb.loss_mask, gate)
+    mask = mb.loss_mask
+    (expected,) = torch.autograd.grad(torch.where(mask, gates.double() * ell, 0.0).sum() / mask.sum(), logits)
+    torch.testing.assert_close(trained, expected, rtol=1e-5, atol=1e-8)
+    # The logged loss is the loss that was trained.
+    sums = {name: float(value) for name, value in report.items()}
+    trained_loss = torch.where(mask, gates.double() * ell, 0.0).sum() / mask.sum()
+    assert derive_step_metrics(sums, scale)["loss"] == pytest.approx(float(trained_loss), rel=1e-5)
+    if normalization == "none":
+        assert float((gates * mask).sum() / mask.sum()) < 0.9  # raw gates: 'none' must differ from 'mean'
+    if normalization == "clipped":  # the clip range binds, and the weights the trainer applies stay in it
+        assert bool((gates[mask] == 1.5).any())
+        assert 0.5 <= float(gates[mask].min()) and float(gates[mask].max() * scale) <= 1.5
+
+
+@pytest.mark.parametrize("objective", ["sampled", "lsm"])
+def test_padded_positions_cannot_poison_the_gradient(objective):
+    """NaN or huge values at padded (mask = False) positions leave the gradient finite and unchanged."""
+    gen = torch.Generator().manual_seed(4)
+    mb = make_microbatch(gen)
+    k = 3
+    mb = dataclasses.replace(mb, teacher_topk_ids=torch.randint(0, 11, (*mb.response_ids.shape, k), generator=gen),
+                             teacher_topk_logprobs=torch.log_softmax(torch.randn(*mb.response_ids.shape, k,
+                                                                                 generator=gen), -1))
+    logits = torch.randn(*mb.input_ids.shape, 11, generator=gen, dtype=torch.float64, requires_grad=True)
+    pad = ~mb.loss_mask
+    assert bool(pad.any())
+    poisoned = {
+        "huge": dataclasses.replace(mb, old_logprobs=mb.old_logprobs.masked_fill(pad, -3e38),
+                                    teacher_logprobs=mb.teacher_logprobs.masked_fill(pad, 3e38)),
+        "nan": dataclasses.replace(mb, teacher_logprobs=mb.teacher_logprobs.masked_fill(pad, float("nan")),
+                                   teacher_topk_logprobs=mb.teacher_topk_logprobs.masked_fill(pad[..., None],
+                                                                                              float("nan"))),
+    }
+    settings = LossSettings(objective=objective, gate=DriftGateConfig(granularity="block", block_size=4),
+                            vocab_size=11, topk=k, ppo_clip=0.2)
+
+    def gradient(batch):
+        loss_sum, _, _ = MicrobatchLoss(settings, None, None)(batch, logits)
+        return torch.autograd.grad(loss_sum, logits)[0]
+
+    clean = gradient(mb)
+    for name, batch in poisoned.items():
+        grad = gradient(batch)
+        assert torch.isfinite(grad).all(), name
+        torch.testing.assert_close(grad, clean, rtol=0, atol=0, msg=name)
