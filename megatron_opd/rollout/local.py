@@ -72,7 +72,8 @@ class _Decoder:
 
     def __init__(self, model: torch.nn.Module, prompts: list[list[int]]) -> None:
         self.model = model
-        self.input_ids, self.mask = left_pad(prompts)
+        device = next(model.parameters()).device  # the inputs go where the model is (CPU or CUDA)
+        self.input_ids, self.mask = (t.to(device) for t in left_pad(prompts))
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         self.cache = None
         self.cache_name = cache_field_name(model)

@@ -26,7 +26,7 @@ def masked_logprobs(logits: torch.Tensor, temperature: float, vocab_size: int,
     if temperature > 0 and temperature != 1.0:
         z = z / temperature
     if suppress_ids is not None and suppress_ids.numel() > 0:
-        z = z.index_fill(1, suppress_ids, NEG_INF)
+        z = z.index_fill(1, suppress_ids.to(z.device), NEG_INF)
     return torch.log_softmax(z, dim=-1)
 
 
@@ -82,7 +82,8 @@ def sample_tokens(logprobs: torch.Tensor, keep: torch.Tensor, generators: list[t
     """Next token per row (B,) int64 from (B, V) log-probs restricted to ``keep``."""
     if greedy:
         return torch.argmax(logprobs, dim=-1)
-    scores = logprobs + exponential_noise(generators, logprobs.shape[-1])
+    # the noise comes from per-row CPU generators (samples do not depend on the device), then moves
+    scores = logprobs + exponential_noise(generators, logprobs.shape[-1]).to(logprobs.device)
     return torch.argmax(scores.masked_fill(~keep, NEG_INF), dim=-1)
 
 

@@ -71,7 +71,8 @@ class LocalTeacher(TeacherEngine):
 
     @torch.no_grad()
     def _score_batch(self, prompts: list[list[int]], responses: list[list[int]], top_k: int) -> list[TeacherScore]:
-        ids, mask = right_pad([list(p) + list(r) for p, r in zip(prompts, responses)])
+        device = next(self.model.parameters()).device  # the inputs go where the model is (CPU or CUDA)
+        ids, mask = (t.to(device) for t in right_pad([list(p) + list(r) for p, r in zip(prompts, responses)]))
         hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, H)
         head = self.model.get_output_embeddings()
         scores = []
@@ -80,9 +81,18 @@ class LocalTeacher(TeacherEngine):
                 scores.append(empty_score(top_k))
                 continue
             logits = head(hidden[row, len(p) - 1: len(p) + len(r) - 1])  # (R, V): position P-1+t predicts y_t
-            scores.append(compute_response_scores(logits, torch.tensor(r), top_k, self.temperature,
-                                                  self.vocab_size))
+            score = compute_response_scores(logits, torch.tensor(r, device=device), top_k, self.temperature,
+                                            self.vocab_size)
+            scores.append(_to_cpu(score))  # host copy: callers get CPU scores, as from the SGLang teacher
         return scores
 
     def update_weights(self, source: dict[str, torch.Tensor] | str | Path) -> None:
         load_hf_state_dict(self.model, source, where="LocalTeacher.update_weights")
+
+
+def _to_cpu(score: TeacherScore) -> TeacherScore:
+    def cpu(t):
+        return t.cpu() if t is not None else None
+
+    return TeacherScore(token_logprobs=cpu(score.token_logprobs), topk_ids=cpu(score.topk_ids),
+                        topk_logprobs=cpu(score.topk_logprobs))
