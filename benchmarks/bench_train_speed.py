@@ -10,17 +10,20 @@ token ids, right-padded, loss on the response positions) and step AdamW with the
 
 Steps alternate (megatron, hf, megatron, …) so load from other processes on a shared machine hits
 both alike; the ratio of medians is the number to read. Tokens/s counts every (padded) input token
-of the batch. The per-step losses of the two must agree (same model, same data, same optimizer):
+of the batch, per wall second and per CPU second of this process (on a loaded machine the CPU-time
+ratio is the steadier one; with one thread it is the work a step needs). The per-step losses of the two must agree (same model, same data, same optimizer):
 the benchmark prints the largest difference and fails if it exceeds ``--loss-tol``.
 
     .venv/bin/python benchmarks/bench_train_speed.py --shape long --threads 1
     .venv/bin/python benchmarks/bench_train_speed.py --shape toy --threads 2
     .venv/bin/python benchmarks/bench_train_speed.py --shape long --profile   # op breakdown of both sides
+    .venv/bin/python benchmarks/bench_train_speed.py --sides megatron,megatron-bf16,hf,hf-bf16   # bf16 vs fp32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -67,12 +70,19 @@ def parse_args(argv=None):
     parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--bf16", action="store_true", help="both sides in bf16 (Megatron: --bf16 path)")
+    parser.add_argument("--sides", default="megatron,hf",
+                        help="comma-separated sides to alternate: megatron, hf, megatron-bf16 (the trainer's --bf16: "
+                             "bf16 model, fp32 main params), hf-bf16 (fp32 params under torch.autocast bf16), "
+                             "hf-shim (hf under the CPU shim's TorchFunctionMode, to measure its cost)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--loss-tol", type=float, default=None,
-                        help="largest allowed |loss_megatron - loss_hf| (default 1e-4 fp32, 5e-2 bf16)")
+    parser.add_argument("--loss-tol", type=float, default=1e-4,
+                        help="largest allowed |loss - loss_hf| of an fp32 side (bf16 sides: --bf16-loss-tol)")
+    parser.add_argument("--bf16-loss-tol", type=float, default=5e-2)
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler op breakdown of both sides (3 alternating steps) instead of timing")
+    parser.add_argument("--unfused-attention", action="store_true",
+                        help="Megatron sides use Megatron's own unfused local attention (the trainer before "
+                             "models/sdpa_attention.py) instead of the fused SDPA path")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -103,7 +113,7 @@ def build_batch(shape: BenchShape, num_sequences: int, seed: int):
     return build_sft_experience(prompts, responses, pad_id=0)
 
 
-def build_megatron_side(hf_model, workdir: Path, args, state, micro_batch: int, batch_size: int):
+def build_megatron_side(hf_model, workdir: Path, args, state, micro_batch: int, batch_size: int, bf16: bool):
     """The trainer's student (Megatron model + DDP + optimizer + scheduler) initialised from ``hf_model``
     and its SFT micro-batch loss, exactly as ``training.components`` wires them."""
     from megatron_opd.gating import DriftGateConfig
@@ -111,19 +121,20 @@ def build_megatron_side(hf_model, workdir: Path, args, state, micro_batch: int, 
     from megatron_opd.training.loss import LossSettings, MicrobatchLoss
     from megatron_opd.training.megatron_setup import build_student
 
-    hf_model.save_pretrained(workdir / "model")
+    if not (workdir / "model").exists():
+        hf_model.save_pretrained(workdir / "model")
     flags = ["--student-hf", str(workdir / "model"), "--data-path", str(workdir / "unused.jsonl"),
              "--objective", "sft", "--gate", "none", "--lr", str(args.lr), "--min-lr", str(args.lr),
              "--lr-decay-style", "constant", "--lr-warmup-iters", "0", "--weight-decay", "0.0",
              "--clip-grad", "1.0", "--adam-beta1", "0.9", "--adam-beta2", str(ADAM_BETA2), "--train-iters", "1000", "--micro-batch-size", str(micro_batch),
              "--prompts-per-rollout", str(batch_size), "--samples-per-prompt", "1",
-             "--run-dir", str(workdir / "run"), "--no-progress"] + (["--bf16"] if args.bf16 else [])
+             "--run-dir", str(workdir / "run"), "--no-progress"] + (["--bf16"] if bf16 else [])
     cfg = parse_config(flags)
     weights = {name: value.detach().clone() for name, value in hf_model.state_dict().items()}
     student = build_student(cfg, state, weights)
     settings = LossSettings(objective="sft", gate=DriftGateConfig(granularity="none"),
                             vocab_size=hf_model.config.vocab_size)
-    return cfg, student, MicrobatchLoss(settings, state.tp_group, state.dp_cp_group)
+    return student, MicrobatchLoss(settings, state.tp_group, state.dp_cp_group)
 
 
 def megatron_step(student, loss, exp, state, micro_batch: int) -> float:
@@ -134,14 +145,23 @@ def megatron_step(student, loss, exp, state, micro_batch: int) -> float:
     return result["loss_sum"] / result["tokens"]
 
 
-def hf_step(model, optimizer, exp, micro_batch: int) -> float:
-    """Mean response-token NLL over the whole step, summed over micro-batches like the trainer does."""
+def hf_step(model, optimizer, exp, micro_batch: int, bf16: bool, under_shim: bool = False) -> float:
+    """A plain HF loop runs without the CPU shim's process-wide device-rewriting TorchFunctionMode
+    (``under_shim``: with it, to measure what the mode costs)."""
+    with contextlib.nullcontext() if under_shim else torch._C.DisableTorchFunction():
+        return _hf_step(model, optimizer, exp, micro_batch, bf16)
+
+
+def _hf_step(model, optimizer, exp, micro_batch: int, bf16: bool) -> float:
+    """Mean response-token NLL over the whole step, summed over micro-batches like the trainer does;
+    ``bf16``: the forward under ``torch.autocast`` (fp32 weights and optimizer, as HF's Trainer does)."""
     num_tokens = exp.loss_mask.sum()
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for start in range(0, exp.num_sequences, micro_batch):
         mb = exp.rows(torch.arange(start, start + micro_batch))
-        logits = model(input_ids=mb.input_ids).logits  # (b, S, V)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=mb.input_ids).logits  # (b, S, V)
         logp = torch.log_softmax(logits.float(), dim=-1)
         positions = mb.response_positions()  # (b, T)
         picked = logp.gather(1, positions[..., None].expand(-1, -1, logp.shape[-1]))  # (b, T, V)
@@ -191,6 +211,72 @@ def profile_sides(sides: dict, steps: int = 3, rows: int = 25) -> None:
     print("| total | " + " | ".join(f"{totals[n]:.1f}" for n in names) + " |")
 
 
+def build_sides(names: list[str], args, state, shape: BenchShape, exp, micro_batch: int) -> dict:
+    """Step functions by side name, all from the same initial weights."""
+    import copy
+
+    hf_model = build_hf_model(shape, args.seed)
+    sides = {}
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
+        for name in names:
+            kind, _, precision = name.partition("-")
+            bf16 = precision == "bf16"
+            if kind == "megatron" and precision in ("", "bf16"):
+                student, loss = build_megatron_side(hf_model, Path(tmp), args, state, micro_batch,
+                                                    exp.num_sequences, bf16)
+                sides[name] = lambda s=student, lo=loss: megatron_step(s, lo, exp, state, micro_batch)
+            elif kind == "hf" and precision in ("", "bf16", "shim"):
+                model = copy.deepcopy(hf_model).train()
+                opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, ADAM_BETA2), eps=1e-8,
+                                        weight_decay=0.0)
+                sides[name] = lambda m=model, o=opt, b=bf16, u=precision == "shim": hf_step(m, o, exp, micro_batch, b, u)
+            else:
+                raise SystemExit(f"--sides: unknown side {name!r} (megatron, hf, megatron-bf16, hf-bf16, hf-shim)")
+    return sides
+
+
+def time_sides(sides: dict, steps: int) -> tuple[dict, dict, dict]:
+    """Alternate one step of each side ``steps`` + 2 times; (wall times, CPU times of this process — both
+    without the 2 warm-up steps —, losses). CPU time is what a step costs when other processes compete for
+    the cores (waiting for a core is not counted)."""
+    wall = {name: [] for name in sides}
+    cpu = {name: [] for name in sides}
+    losses = {name: [] for name in sides}
+    for rep in range(steps + 2):
+        for name, step in sides.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            losses[name].append(step())
+            if rep >= 2:  # the first steps warm up allocators and caches
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu, losses
+
+
+def report(wall: dict, cpu: dict, losses: dict, tokens: int, args) -> bool:
+    """Print the table, the ratios and the loss agreement; True when every side's losses agree."""
+    rate = {name: tokens / statistics.median(t) for name, t in wall.items()}
+    cpu_rate = {name: tokens / statistics.median(t) for name, t in cpu.items()}
+    print("| side | median step wall (s) | tokens/s (wall) | median step CPU (s) | tokens per CPU-s |")
+    print("|---|---|---|---|---|")
+    for name in wall:
+        print(f"| {name} | {statistics.median(wall[name]):.3f} | {rate[name]:.0f} | "
+              f"{statistics.median(cpu[name]):.3f} | {cpu_rate[name]:.0f} |")
+    for num, den in (("megatron", "hf"), ("megatron-bf16", "hf-bf16"), ("megatron-bf16", "megatron"),
+                     ("hf-bf16", "hf"), ("hf-shim", "hf")):
+        if num in rate and den in rate:
+            print(f"ratio {num}/{den}: {rate[num] / rate[den]:.3f} (wall), {cpu_rate[num] / cpu_rate[den]:.3f} (CPU)")
+    reference = "hf" if "hf" in losses else next(iter(losses))
+    ok = True
+    for name, values in losses.items():
+        print(f"losses per step {name:14s} {[round(x, 5) for x in values]}")
+        if name != reference:
+            diff = max(abs(a - b) for a, b in zip(values, losses[reference]))
+            tol = args.bf16_loss_tol if "bf16" in name else args.loss_tol
+            ok &= diff <= tol
+            print(f"max |loss_{name} - loss_{reference}| over {len(values)} steps: {diff:.2e} (tolerance {tol:g})")
+    return ok
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -201,42 +287,22 @@ def main(argv=None) -> int:
     micro_batch = args.micro_batch or shape.micro_batch
     batch_size = micro_batch * args.microbatches
     state = initialize_distributed(ParallelConfig(seed=args.seed))
-    hf_model = build_hf_model(shape, args.seed)
+    if args.unfused_attention:
+        from megatron_opd.models.sdpa_attention import SDPADotProductAttention
+
+        SDPADotProductAttention._fast_path_ok = lambda *a, **k: False  # always Megatron's own path
     exp = build_batch(shape, batch_size, args.seed + 1)
-    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
-        _, student, loss = build_megatron_side(hf_model, Path(tmp), args, state, micro_batch, batch_size)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    hf_model = hf_model.to(dtype).train()
-    optimizer = torch.optim.AdamW(hf_model.parameters(), lr=args.lr, betas=(0.9, ADAM_BETA2), eps=1e-8, weight_decay=0.0)
-    sides = {"megatron": lambda: megatron_step(student, loss, exp, state, micro_batch),
-             "hf": lambda: hf_step(hf_model, optimizer, exp, micro_batch)}
+    sides = build_sides(args.sides.split(","), args, state, shape, exp, micro_batch)
     tokens = exp.input_ids.numel()
     print(f"shape {args.shape}: {shape}; {batch_size} sequences x {exp.input_ids.shape[1]} tokens = {tokens} "
           f"per step ({int(exp.loss_mask.sum())} loss tokens), micro-batch {micro_batch}, "
-          f"{'bf16' if args.bf16 else 'fp32'}, torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, megatron attention "
+          f"{'unfused (Megatron local)' if args.unfused_attention else 'fused SDPA'}")
     if args.profile:
         profile_sides(sides)
         return 0
-    times = {name: [] for name in sides}
-    losses = {name: [] for name in sides}
-    for rep in range(args.steps + 2):
-        for name, step in sides.items():
-            start = time.perf_counter()
-            losses[name].append(step())
-            if rep >= 2:  # the first steps warm up allocators and caches
-                times[name].append(time.perf_counter() - start)
-    tol = args.loss_tol if args.loss_tol is not None else (5e-2 if args.bf16 else 1e-4)
-    loss_diff = max(abs(a - b) for a, b in zip(losses["megatron"], losses["hf"]))
-    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
-    print("| side | median step (s) | tokens/s |")
-    print("|---|---|---|")
-    for name in sides:
-        print(f"| {name} | {statistics.median(times[name]):.3f} | {rate[name]:.0f} |")
-    print(f"ratio megatron/hf tokens/s: {rate['megatron'] / rate['hf']:.3f}")
-    print(f"losses per step megatron {[round(x, 5) for x in losses['megatron']]}")
-    print(f"losses per step hf       {[round(x, 5) for x in losses['hf']]}")
-    print(f"max |loss_megatron - loss_hf| over {len(losses['hf'])} steps: {loss_diff:.2e} (tolerance {tol:g})")
-    return 0 if loss_diff <= tol else 1
+    wall, cpu, losses = time_sides(sides, args.steps)
+    return 0 if report(wall, cpu, losses, tokens, args) else 1
 
 
 if __name__ == "__main__":
