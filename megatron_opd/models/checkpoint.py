@@ -164,6 +164,37 @@ def _check_model_tensors(template: dict, num_chunks: int, ckpt_dir: Path) -> Non
                                  f"checkpoint but the model expects {list(item.global_shape)}")
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _keep_absent_extra_states(template: dict, num_chunks: int, ckpt_dir: Path) -> list[str]:
+    """Let a model load a checkpoint that lacks some of its modules' ``_extra_state`` objects.
+
+    Transformer Engine modules carry an ``_extra_state`` (FP8 scaling metadata; an empty tensor without FP8):
+    TE's RMSNorm (q/k and final norms of the TE spec) has one where the local spec's torch RMSNorm has none,
+    so a checkpoint written on CPU (tools/convert_hf_to_megatron.py, or CPU training) lacks those keys and
+    dist-checkpointing refuses the TE model's load. Each such object requested but absent from the checkpoint
+    keeps the module's own current value (a ``LocalNonpersistentObject`` is handed back as is, not loaded).
+    Only ``_extra_state`` objects are treated so: a missing tensor still raises (``_check_model_tensors``).
+    The other direction needs nothing: keys the checkpoint has but the model does not request are not loaded.
+
+    Returns:
+        the keys kept at their current values (sorted).
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    saved = {item.key for item in load_sharded_metadata(str(ckpt_dir)).values() if isinstance(item, ShardedObject)}
+    kept = set()
+    for i in range(num_chunks):
+        chunk = template[_chunk_key(i)]
+        for name, item in chunk.items():
+            if isinstance(item, ShardedObject) and item.key.endswith(EXTRA_STATE_SUFFIX) and item.key not in saved:
+                chunk[name] = LocalNonpersistentObject(item.data)
+                kept.add(item.key)
+    return sorted(kept)
+
+
 def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_scheduler=None,
                     load_rng: bool = True) -> dict:
     """Load a ``save_checkpoint`` directory into ``model_chunks`` (any TP/PP/VPP layout); return extra_state.
@@ -182,6 +213,10 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
     template = _build_state(model_chunks, optimizer, opt_param_scheduler, None, rng, loading=True)
     template.pop("extra_state")
     _check_model_tensors(template, len(model_chunks), ckpt_dir)
+    kept = _keep_absent_extra_states(template, len(model_chunks), ckpt_dir)
+    if kept and dist.get_rank() == 0:
+        logger.info("%s: no %s for %s (written by another layer spec); kept the modules' own", ckpt_dir,
+                    EXTRA_STATE_SUFFIX, ", ".join(kept))
     loaded = dist_checkpointing.load(template, str(ckpt_dir))  # collective over all ranks
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_chunk_key(i)], strict=True)
