@@ -1,5 +1,6 @@
 """Checkpoint/resume of the OPD trainer at TP=2: bit-exact resume after kill -9, and a crash in
-the middle of a save leaves the previous checkpoint as the one that loads."""
+the middle of a save leaves the previous checkpoint as the one that loads; after either, metrics.jsonl
+holds each step once (the killed run's lines past the checkpoint are dropped)."""
 
 import os
 import signal
@@ -9,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, read_metrics
 from safetensors.torch import load_file
 
 
@@ -32,6 +33,14 @@ def hf_tensors(path) -> dict:
     for shard in sorted(path.glob("*.safetensors")):
         out.update(load_file(str(shard)))
     return out
+
+
+def assert_each_step_logged_once(run_dir):
+    """The resumed run drops the killed run's lines past the checkpoint: one line per step and one sync line
+    (time_sync) per rollout of 2 steps, in order."""
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if "time_sync" in r] == [2, 4, 6]
 
 
 def assert_identical(a: dict, b: dict):
@@ -78,6 +87,7 @@ def test_resume_after_kill_is_bit_exact(base_flags, straight_run, tmp_path):
     resumed = run({**flags, "--load": str(save), "--save-hf": str(tmp_path / "hf")})
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_identical(straight_run, hf_tensors(tmp_path / "hf"))
+    assert_each_step_logged_once(tmp_path / "run")
 
 
 def test_crash_during_save_keeps_previous_checkpoint(base_flags, straight_run, tmp_path):
@@ -85,6 +95,7 @@ def test_crash_during_save_keeps_previous_checkpoint(base_flags, straight_run, t
     flags = {**base_flags, "--run-dir": str(tmp_path / "run"), "--save": str(save), "--save-interval": 2}
     crashed = run(flags, env_extra={"MEGATRON_OPD_FAULT": "save@4"})
     assert crashed.returncode != 0
+    assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 4  # logged past the step-2 checkpoint
     assert (save / "latest").read_text().strip() == "iter_0000002"
     assert (save / "iter_0000004.tmp").is_dir() and not (save / "iter_0000004.tmp" / "COMPLETE").exists()
     assert not (save / "iter_0000004").exists()
@@ -93,3 +104,4 @@ def test_crash_during_save_keeps_previous_checkpoint(base_flags, straight_run, t
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_identical(straight_run, hf_tensors(tmp_path / "hf"))
     assert (save / "latest").read_text().strip() == "iter_0000006"
+    assert_each_step_logged_once(tmp_path / "run")
