@@ -1,28 +1,33 @@
 """A long-horizon synthetic task: a chain of local steps where one early slip derails the answer.
 
-A problem gives a 4-digit start state ``s``, a 4-digit key ``k`` and a step count ``n``; the
-response applies the step "add the key digit by digit, modulo 10 (no carries)" ``n`` times, one
-line per step, each line labelled with a countdown, and ends with the final state boxed::
+A problem gives an 8-digit start state ``s`` and an 8-digit binary key ``k``; the response applies
+the step "advance every digit whose key digit is 1 by one, modulo 10" nine times, one line per step
+(``state+key=next``), each line labelled with a countdown, and ends with the final state boxed::
 
-    problem:  s=4821;k=3157;n=14
-    solution: 13:4821+3157=7978
-              12:7978+3157=0025
+    problem:  s=48213157;k=01101001
+    solution: 8:48213157+01101001=49314158
+              7:49314158+01101001=40415159
               ...
-              00:....+3157=RRRR
-              \\boxed{RRRR}
+              0:........+01101001=RRRRRRRR
+              \\boxed{RRRRRRRR}
 
 Why this shape (the regime where sampled-token OPD is fragile, and a tiny model learns it fast):
 
-- **Long**: ``n`` in [14, 20] gives responses of 265-373 tokens (one token per character), i.e.
-  at least 4 blocks of 64 tokens; the prompt has a fixed length.
-- **Local**: every character of a line is a function of characters at fixed distances behind it
-  (the previous line's result and key, the previous label, or this line's operands), never of the
-  k-th item of a list, so a small transformer with rotary positions learns it quickly.
+- **Long**: 9 lines of 28 characters plus the box: 278-token responses with EOS (one token per
+  character), i.e. more than 4 blocks of 64 tokens; the prompt has a fixed length.
+- **Local**: every character is a function of characters at fixed distances behind it (the
+  previous line's result and key, the previous label, or this line's two operands), never of
+  the k-th item of a list; the arithmetic is "add 0 or 1", as easy as the countdown.
+- **No shortcut**: a digit advanced by one repeats only after 10 steps, so within the 9-step
+  chain no line can be copied from an earlier one; every line comes from the one before it.
 - **Fragile**: each line starts from the previous line's result, so one wrong digit anywhere
-  propagates to the final answer (and a wrong label ends the chain early or late).
-- **Verifiable**: the final state is in ``\\boxed{}``; the project's grader compares it numerically
-  (``0025`` and ``25`` are the same answer).
+  propagates to the final answer.
+- **Verifiable**: the final state is in ``\\boxed{}``; the project's grader compares it numerically.
 - **Step delimiter**: a newline ends every step (the spans gate's default delimiter).
+
+(A first version added a full decimal key digit by digit over 14-20 steps: a 2 x 128 model learned
+the copies but not the 100-entry addition table in 350 SFT steps, and copied lines from 10 steps
+back, the period of that map.)
 
 Splits ``train``, ``validation`` and ``test`` are disjoint by construction: a problem belongs to
 the split chosen by a stable hash (crc32) of its text, and generation rejects the others'. The
@@ -38,8 +43,11 @@ import zlib
 SPLITS = ("train", "validation", "test")
 SPLIT_PER_MILLE = {"test": 100, "validation": 100}
 """About 10% of the problem space is test, 10% validation, the rest train."""
-WIDTH = 4
-MIN_STEPS, MAX_STEPS = 14, 20
+WIDTH = 8
+KEY_DIGITS = "01"
+STEPS = 9
+"""Fixed: the labels 8..0 are one digit; 9 steps of +1 never revisit a digit value (10 would bring
+every digit back to its start, making the answer a copy of the prompt)."""
 STEP_DELIMITER = "\n"
 
 
@@ -54,29 +62,29 @@ def split_of(problem: str) -> str:
 
 
 def apply_step(state: str, key: str) -> str:
-    """One step: digit-wise (state + key) mod 10, no carries."""
+    """One step: digit-wise (state + key) mod 10, no carries (key digits are 0 or 1)."""
     return "".join(str((int(a) + int(b)) % 10) for a, b in zip(state, key))
 
 
-def render_chain_problem(start: str, key: str, steps: int) -> dict:
+def render_chain_problem(start: str, key: str) -> dict:
     """``{problem, answer, solution}`` of one chain (no id); see the module docstring."""
-    if len(start) != WIDTH or len(key) != WIDTH or not (start + key).isdigit():
-        raise ValueError(f"chain task: start and key must be {WIDTH}-digit strings, got {start!r}, {key!r}")
-    if not MIN_STEPS <= steps <= MAX_STEPS:
-        raise ValueError(f"chain task: steps must be in [{MIN_STEPS}, {MAX_STEPS}], got {steps}")
+    if len(start) != WIDTH or not start.isdigit():
+        raise ValueError(f"chain task: start must be a {WIDTH}-digit string, got {start!r}")
+    if len(key) != WIDTH or set(key) - set(KEY_DIGITS):
+        raise ValueError(f"chain task: key must be {WIDTH} digits from {KEY_DIGITS!r}, got {key!r}")
     lines, state = [], start
-    for label in range(steps - 1, -1, -1):
+    for label in range(STEPS - 1, -1, -1):
         result = apply_step(state, key)
-        lines.append(f"{label:02d}:{state}+{key}={result}")
+        lines.append(f"{label}:{state}+{key}={result}")
         state = result
     lines.append(f"\\boxed{{{state}}}")
-    return {"problem": f"s={start};k={key};n={steps}", "answer": state, "solution": STEP_DELIMITER.join(lines)}
+    return {"problem": f"s={start};k={key}", "answer": state, "solution": STEP_DELIMITER.join(lines)}
 
 
 def _sample(rng: random.Random) -> dict:
     start = "".join(rng.choice("0123456789") for _ in range(WIDTH))
-    key = "".join(rng.choice("0123456789") for _ in range(WIDTH))
-    return render_chain_problem(start, key, rng.randint(MIN_STEPS, MAX_STEPS))
+    key = "".join(rng.choice(KEY_DIGITS) for _ in range(WIDTH))
+    return render_chain_problem(start, key)
 
 
 def generate_chain_problems(n: int, seed: int, split: str = "train") -> list[dict]:

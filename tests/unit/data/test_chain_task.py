@@ -6,9 +6,8 @@ import re
 import pytest
 
 from megatron_opd.data.chain_task import (
-    MAX_STEPS,
-    MIN_STEPS,
     SPLITS,
+    STEPS,
     generate_chain_problems,
     render_chain_problem,
     split_of,
@@ -16,16 +15,16 @@ from megatron_opd.data.chain_task import (
 from megatron_opd.data.toy_task import build_toy_tokenizer
 from megatron_opd.eval.grading import grade_verdict
 
-PROBLEM_RE = re.compile(r"^s=(\d{4});k=(\d{4});n=(\d+)$")
-LINE_RE = re.compile(r"^(\d\d):(\d{4})\+(\d{4})=(\d{4})$")
+PROBLEM_RE = re.compile(r"^s=(\d{8});k=([01]{8})$")
+LINE_RE = re.compile(r"^(\d):(\d{8})\+([01]{8})=(\d{8})$")
 
 
 def _reference_chain(start: str, key: str, steps: int) -> list[str]:
     """Independent reference: states as integers, digit i = (x // 10**i) % 10, summed mod 10."""
     s, k, states = int(start), int(key), []
     for _ in range(steps):
-        s = sum(((s // 10**i + k // 10**i) % 10) * 10**i for i in range(4))
-        states.append(f"{s:04d}")
+        s = sum(((s // 10**i + k // 10**i) % 10) * 10**i for i in range(8))
+        states.append(f"{s:08d}")
     return states
 
 
@@ -33,11 +32,10 @@ def _reference_chain(start: str, key: str, steps: int) -> list[str]:
 def test_solutions_follow_the_task_definition(split):
     records = generate_chain_problems(300, seed=5, split=split)
     assert len(records) == 300 and len({r["problem"] for r in records}) == 300
-    step_counts = set()
+    steps, keys = STEPS, set()
     for rec in records:
-        start, key, steps = PROBLEM_RE.match(rec["problem"]).groups()
-        steps = int(steps)
-        step_counts.add(steps)
+        start, key = PROBLEM_RE.match(rec["problem"]).groups()
+        keys.add(key)
         expected = _reference_chain(start, key, steps)
         lines = rec["solution"].split("\n")
         assert len(lines) == steps + 1 and lines[-1] == f"\\boxed{{{expected[-1]}}}"
@@ -49,7 +47,11 @@ def test_solutions_follow_the_task_definition(split):
             state = result
         assert rec["answer"] == expected[-1]
         assert rec["id"].startswith(f"chain-{split}-5-")
-    assert step_counts == set(range(MIN_STEPS, MAX_STEPS + 1))
+        # No shortcut: every digit the key advances takes a new value on every line, and the answer
+        # is not the start state.
+        if "1" in key:
+            assert len(set(expected)) == steps and expected[-1] != start
+    assert len(keys) > 100
 
 
 def test_responses_span_at_least_four_blocks_of_64_tokens():
@@ -61,7 +63,7 @@ def test_responses_span_at_least_four_blocks_of_64_tokens():
         assert tokenizer.decode(ids) == rec["solution"]
         lengths.append(len(ids) + 1)  # + EOS
         prompt = tokenizer(rec["problem"], add_special_tokens=False)["input_ids"]
-        assert len(prompt) == len("s=0000;k=0000;n=00")  # fixed-length prompt
+        assert len(prompt) == len("s=00000000;k=00000000")  # fixed-length prompt
     assert min(lengths) >= 256 and max(lengths) <= 512, (min(lengths), max(lengths))
 
 
@@ -78,24 +80,23 @@ def test_splits_are_disjoint_and_deterministic():
     # The hash split gives each of the held-out splits about a tenth of the problem space.
     counts = {s: 0 for s in SPLITS}
     for i in range(5000):
-        counts[split_of(f"s={i:04d};k=1234;n=15")] += 1
+        counts[split_of(f"s={i:08d};k=01101001")] += 1
     assert 350 < counts["test"] < 650 and 350 < counts["validation"] < 650, counts
 
 
 def test_grader_accepts_the_solution_and_one_early_slip_derails_it():
-    rec = render_chain_problem("4821", "3157", 14)
-    assert rec["solution"].startswith("13:4821+3157=7978\n12:7978+3157=0025\n")
+    rec = render_chain_problem("48213157", "01101001")
+    assert rec["solution"].startswith("8:48213157+01101001=49314158\n7:49314158+01101001=40415159\n")
     assert grade_verdict(rec["solution"], rec["answer"]) == "correct"
     # One wrong digit in the first result: continuing the chain from it gives a wrong answer.
-    slipped = render_chain_problem("4831", "3157", 14)  # = the chain after a slip 7978 -> 7988
+    slipped = render_chain_problem("48223157", "01101001")  # = the chain after a slip 49314158 -> 49324158
     assert slipped["answer"] != rec["answer"]
     assert grade_verdict(slipped["solution"], rec["answer"]) == "wrong"
     assert grade_verdict(rec["solution"][:-3], rec["answer"]) == "no_answer"  # cut off mid-box
 
 
-@pytest.mark.parametrize("args, field", [(("482", "3157", 14), "start and key"), (("4821", "31a7", 14), "start and key"),
-                                         (("4821", "3157", MAX_STEPS + 1), "steps"),
-                                         (("4821", "3157", MIN_STEPS - 1), "steps")])
+@pytest.mark.parametrize("args, field", [(("4821", "01101001"), "start"), (("4821315a", "01101001"), "start"),
+                                         (("48213157", "0110100"), "key"), (("48213157", "01101002"), "key")])
 def test_bad_input_names_the_field(args, field):
     with pytest.raises(ValueError, match=field):
         render_chain_problem(*args)
