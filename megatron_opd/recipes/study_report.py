@@ -45,11 +45,17 @@ def _describe_setup(data: dict) -> str:
         "- Intervals: mean ± half-width of the Student-t 95% interval over seeds, t_(0.975, n−1) · s / √n "
         "(not the per-run bootstrap CI over problems).",
     ]
-    if data.get("lrs"):
+    if data.get("sweep"):
         sweep = data["sweep"]
-        lines.append(f"- Learning rate per objective, chosen on the VALIDATION split ({', '.join(ev['val']['benchmarks'])}, "
-                     f"{ev['val']['limit']} problems × {n}) by a sweep of {sweep['iters']} steps, seed {sweep['seed']}, "
-                     f"no gate: " + ", ".join(f"{k} {v:g}" for k, v in data["lrs"].items()) + ".")
+        val = sweep.get("val") or ev["val"] or {"benchmarks": ["?"], "limit": "?"}
+        models = ""
+        if sweep.get("student_hf") and (sweep["student_hf"] != data["student_hf"]
+                                        or sweep.get("teacher_hf") != base.get("--teacher-hf")):
+            models = f" with student `{sweep['student_hf']}` and teacher `{sweep.get('teacher_hf')}`"
+        source = f" (from `{sweep['source']}`)" if sweep.get("source") else ""
+        lines.append(f"- Learning rate per objective, chosen on the VALIDATION split ({', '.join(val['benchmarks'])}, "
+                     f"{val['limit']} problems × {n}) by a sweep of {sweep['iters']} steps, seed {sweep['seed']}, "
+                     f"no gate{models}{source}: " + ", ".join(f"{k} {v:g}" for k, v in sweep["chosen"].items()) + ".")
     if ev.get("curve"):
         curve = ev["curve"]
         lines.append(f"- Learning curves: HF snapshots every {data.get('curve_every') or '?'} steps evaluated on "

@@ -202,6 +202,8 @@ class Study:
     val: EvalSpec | None = None
     curve: EvalSpec | None = None
     curve_every: int = 0
+    curve_seeds: tuple[int, ...] | None = None
+    """Seeds that get a learning curve (None: all)."""
     salt: str = ""
     """Fingerprint of the student/teacher weights, part of every cache key."""
     pending: dict = field(default_factory=dict)
@@ -272,8 +274,14 @@ def curve_steps(train_iters: int, every: int) -> tuple[int, ...]:
     return tuple(range(every, train_iters, every)) if every else ()
 
 
+def wants_curve(study: Study, seed: int) -> bool:
+    return study.curve is not None and (study.curve_seeds is None or seed in study.curve_seeds)
+
+
 def snapshots_for(study: Study, flags: dict) -> tuple[int, ...]:
-    return curve_steps(int(flags["--train-iters"]), study.curve_every) if study.curve else ()
+    if not wants_curve(study, int(flags["--seed"])):
+        return ()
+    return curve_steps(int(flags["--train-iters"]), study.curve_every)
 
 
 def run_flags_of(study: Study, flags: dict, seed: int) -> dict:
@@ -297,7 +305,7 @@ def train_and_evaluate(study: Study, name: str, flags: dict | None, seed: int) -
     out = {"seed": seed, "test": headline(res, study.test.n), "wall_s": record["wall_s"], "run_dir": str(run_dir),
            "lr": run_flags.get("--lr"), "train_iters": steps,
            "update_stats": update_index_stats(run_dir / "metrics.jsonl")}
-    if study.curve is not None:
+    if wants_curve(study, seed):
         points = evaluate_student(study, seed)["curve"]
         models = [(step, run_dir / f"hf_step{step}") for step in snapshots_for(study, run_flags)]
         for step, model in [*models, (steps, Path(record["hf"]))]:
@@ -311,7 +319,7 @@ def evaluate_student(study: Study, seed: int) -> dict:
     """The untrained student on test (and at step 0 of the learning curve)."""
     res = study.evaluate(study.student_hf, study.workdir / "base", seed, study.test)
     out = {"seed": seed, "test": headline(res, study.test.n), "wall_s": 0.0}
-    if study.curve is not None:
+    if wants_curve(study, seed):
         curve_res = study.evaluate(study.student_hf, study.workdir / "base", seed, study.curve)
         out["curve"] = [[0, headline(curve_res, study.curve.n)]]
     return out
@@ -350,7 +358,8 @@ def sweep_learning_rates(study: Study, grid: dict[str, list[float]], iters: int,
             print(f"lr sweep {objective} lr={lr:g}: validation {rows[-1]}", flush=True)
         best = max(rows, key=lambda r: (r[f"pass@{n}"], r["pass@1"], -r["lr"]))
         table[objective], chosen[objective] = rows, best["lr"]
-    return {"chosen": chosen, "table": table, "iters": iters, "seed": seed}
+    return {"chosen": chosen, "table": table, "iters": iters, "seed": seed, "student_hf": str(study.student_hf),
+            "teacher_hf": study.base_flags.get("--teacher-hf"), "val": vars(study.val)}
 
 
 def with_objective_lr(flags: dict | None, base: dict, lrs: dict[str, float]) -> dict | None:
@@ -452,10 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr-sweep", help="per-objective lr grid on VALIDATION, e.g. 'sampled=1e-4,3e-4,1e-3;lsm=3e-4,1e-3;sft=1e-3'")
     add("--sweep-iters", type=int, help="steps of each sweep run (default: the study's budget)")
     add("--sweep-seed", type=int, default=0)
+    add("--sweep-only", action="store_true", help="run the lr sweep, write its report and stop")
+    add("--sweep-from", help="take the lr sweep (and its choices) from an earlier report JSON instead of running it")
     add("--val-limit", type=int, help="validation problems for the sweep (default: --eval-limit)")
     add("--curve-every", type=int, default=0, help="learning curve: HF snapshot every N steps (0: off)")
     add("--curve-limit", type=int, default=32, help="problems per curve evaluation")
     add("--curve-benchmarks", help="benchmarks of the learning curve (default: --val-benchmarks, else test)")
+    add("--curve-seeds", help="comma-separated seeds that get a learning curve (default: all; evaluation is costly)")
     add("--sft-control", action="store_true", help="continued SFT of the student at equal wall time per seed")
     add("--sft-lr", type=float, help="lr of the SFT control (default: the sweep's 'sft' choice, else the recipe's)")
     add("--title", default="Six-variant study", help="report title")
@@ -506,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         queue = TrainQueue(workdir / f"queue-{os.getpid()}", args.nproc)
         study = Study(base_flags=base, student_hf=student_dir, workdir=workdir, queue=queue, pool=pool,
                       test=test, val=val, curve=curve, curve_every=args.curve_every,
+                      curve_seeds=tuple(int(x) for x in args.curve_seeds.split(",")) if args.curve_seeds else None,
                       salt=model_salt(student_dir, base.get("--teacher-hf")))
         try:
             paths = report(run_study(study, args, variants, seeds, recipe, on_update=report))
@@ -539,14 +552,20 @@ def run_study(study: Study, args, variants: list[dict], seeds: list[int], recipe
                      (("test", study.test), ("val", study.val), ("curve", study.curve))}}
     update = on_update or (lambda record: None)
     sft_flags = build_sft_flags(recipe, base, args.sft_lr)
-    if args.lr_sweep:
+    if args.sweep_from:
+        data["sweep"] = json.loads(Path(args.sweep_from).read_text())["sweep"]
+        data["sweep"]["source"] = args.sweep_from
+    elif args.lr_sweep:
         grid = parse_lr_grid(args.lr_sweep)
         data["sweep"] = sweep_learning_rates(study, grid, args.sweep_iters or int(base["--train-iters"]),
                                              args.sweep_seed, sft_flags)
+    if data["sweep"]:
         data["lrs"] = data["sweep"]["chosen"]
         if args.sft_lr is None and "sft" in data["lrs"]:
             sft_flags["--lr"] = data["lrs"]["sft"]
         update(data)
+        if args.sweep_only:
+            return data
     flags_by_name = {v["name"]: with_objective_lr(v["flags"], base, data["lrs"]) for v in variants}
     # Queue every training up front, seed-major (complete seeds first: paired differences exist early),
     # so the worker trains while this process evaluates.
