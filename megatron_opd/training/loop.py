@@ -67,6 +67,8 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
         if obj.objective != "sft":
             exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size)
                                 if obj.logprob_source == "recompute" else exp.engine_logprobs)
+            if obj.logprob_source == "recompute":
+                batch_metrics.update(engine_logprob_gap(exp))
         batch_metrics["time_recompute"] = time.perf_counter() - t1
         update = 0
         for plan in plans:
@@ -99,6 +101,18 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
     _maybe_export_hf(cfg, run, state)
     log.close()
     return metrics
+
+
+def engine_logprob_gap(exp) -> dict:
+    """How far the rollout engine's behaviour log-probs are from the trainer's recompute on the same
+    weights (max and mean |engine - recompute| over response tokens): near 0 when the engine holds
+    the synced weights and computes like the trainer; a stale weight sync or a kernel/dtype mismatch
+    shows here."""
+    valid = torch.arange(exp.response_ids.shape[1])[None, :] < exp.response_lens[:, None]
+    gap = (exp.engine_logprobs - exp.old_logprobs).abs()[valid]
+    if gap.numel() == 0:
+        return {}
+    return {"engine_logprob_gap_max": gap.max().item(), "engine_logprob_gap_mean": gap.mean().item()}
 
 
 REPORT_KEYS = ["tokens", "loss_sum", "entropy_sum", "gate_weighted", "abs_drift_sum", "abs_drift_max",
