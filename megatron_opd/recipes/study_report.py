@@ -117,6 +117,26 @@ def _pairs_table(data: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def conclusion_lines(data: dict) -> list[str]:
+    """One plain sentence per paired comparison: does the first variant beat the second, with the CI."""
+    n, lines = data["n"], []
+    for row in paired_rows(data):
+        diff, first = row[f"pass@{n}"], row["pass@1"]
+        name, reference = row["pair"].split(" − ")
+        if diff["n"] < 2:
+            answer = "cannot say yet (one common seed)"
+        elif diff["ci_low"] > 0:
+            answer = "**yes**"
+        elif diff["ci_high"] < 0:
+            answer = "**no, it is worse**"
+        else:
+            answer = "**no detectable difference**"
+        lines.append(f"- Does {name} beat {reference}? {answer}: Δ pass@{n} = {diff['mean']:+.3f}, 95% CI "
+                     f"[{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]; Δ pass@1 = {first['mean']:+.3f}, 95% CI "
+                     f"[{first['ci_low']:+.3f}, {first['ci_high']:+.3f}] (paired by seed, n = {diff['n']}, Student t).")
+    return lines
+
+
 def _mean_over_seeds(runs: dict, key: str) -> dict[int, float]:
     per_update: dict[int, list[float]] = {}
     for r in runs.values():
@@ -178,7 +198,13 @@ def _missing(data: dict) -> list[str]:
 
 
 def format_study(data: dict, title: str) -> str:
-    parts = [f"# {title}\n", "Reproduce:\n", f"    {data.get('command', '')}\n", "## Setup\n", _describe_setup(data),
+    conclusion = conclusion_lines(data)
+    parts = [f"# {title}\n", "Reproduce:\n", f"    {data.get('command', '')}\n"]
+    if conclusion:
+        parts += ["## Answer (paired by seed, 95% Student-t CI)\n", "\n".join(conclusion) + "\n"]
+    if data.get("notes"):
+        parts += ["## Notes\n", data["notes"].rstrip() + "\n"]
+    parts += ["## Setup\n", _describe_setup(data),
              "## Test results (mean ± 95% t-interval over seeds)\n", _main_table(data),
              "## Paired differences\n", _pairs_table(data)]
     missing = _missing(data)
@@ -294,3 +320,24 @@ def write_study_report(data: dict, out_dir: Path, name: str = "variants", title:
     paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")
     paths["markdown"].write_text(format_study(data, title) + ("\n## Plots\n\n" + images if images else ""))
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-write a report from its JSON (e.g. after adding notes): ``python -m megatron_opd.recipes.study_report``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("json", help="NAME.json written by megatron-opd variants")
+    parser.add_argument("--notes", help="Markdown notes to put near the top")
+    parser.add_argument("--title", default="Six-variant study")
+    args = parser.parse_args(argv)
+    path = Path(args.json)
+    data = json.loads(path.read_text())
+    if args.notes:
+        data["notes"] = Path(args.notes).read_text()
+    write_study_report(data, path.parent, path.stem, title=args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

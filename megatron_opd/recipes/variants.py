@@ -79,13 +79,17 @@ def load_variants(spec: str | None, names: list[str] | None) -> list[dict]:
 
 
 def default_pairs(variants: list[dict]) -> list[tuple[str, str]]:
-    """Paired comparisons for the report: the paper's pairs present, then every other LSM variant vs ungated LSM."""
-    names = [v["name"] for v in variants]
-    pairs = [(a, b) for a, b in DEFAULT_PAIRS if a in names and b in names]
-    if "LSM" in names:
-        pairs += [(v["name"], "LSM") for v in variants
-                  if v["name"] != "LSM" and v["flags"] and v["flags"].get("--objective") == "lsm"
-                  and (v["name"], "LSM") not in pairs]
+    """Paired comparisons for the report, in variant order: the paper's pairs, and every other LSM
+    variant against ungated LSM."""
+    names = {v["name"] for v in variants}
+    known = dict(DEFAULT_PAIRS)
+    pairs = []
+    for v in variants:
+        name = v["name"]
+        if name in known and known[name] in names:
+            pairs.append((name, known[name]))
+        elif "LSM" in names and name != "LSM" and v["flags"] and v["flags"].get("--objective") == "lsm":
+            pairs.append((name, "LSM"))
     return pairs
 
 
@@ -473,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--title", default="Six-variant study", help="report title")
     add("--report-dir", help="where the report goes (default: --workdir), e.g. docs/results")
     add("--report-name", default="variants", help="report file stem: NAME.md, NAME.json, NAME_*.png")
+    add("--notes", help="Markdown file of notes put near the top of the report (what the numbers mean, caveats)")
     return parser
 
 
@@ -512,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     report_dir, report_name = Path(args.report_dir or workdir), args.report_name
 
     def report(data: dict) -> dict:
-        return write_study_report({**data, "command": command}, report_dir, report_name, title=args.title)
+        notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else None
+        return write_study_report({**data, "command": command, "notes": notes}, report_dir, report_name,
+                                  title=args.title)
 
     with GradingPool(num_workers=2) as pool:
         queue = TrainQueue(workdir / f"queue-{os.getpid()}", args.nproc)
