@@ -27,6 +27,17 @@ def test_flops_formula_on_the_qwen3_1p7b_shape():
     assert flops["total_flops"] == flops["dense_flops"] + flops["attention_flops"]
 
 
+def test_weight_comparison_tells_loaded_from_random_weights(tmp_path):
+    """The bf16 section's load check: two random models differ by O(1), a model and itself by 0."""
+    from megatron_opd.recipes.common import ModelShape, write_initial_model
+
+    shape = ModelShape(**gpu_check.TINY.toy_model)
+    a, b = write_initial_model(tmp_path / "a", shape, seed=1), write_initial_model(tmp_path / "b", shape, seed=2)
+    assert gpu_check._max_relative_difference(a, a) == (0.0, gpu_check._max_relative_difference(a, b)[1])
+    worst, compared = gpu_check._max_relative_difference(a, b)
+    assert compared > 0 and worst > 0.5  # far above the 2^-7 the check allows
+
+
 def test_cpu_tiny_run_passes_every_section(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
@@ -51,7 +62,7 @@ def test_cpu_tiny_run_passes_every_section(tmp_path):
     bf16 = sections["bf16_load_resume"]
     assert bf16["first_run_steps"] == [1, 2] and bf16["resumed_run_steps"] == [3]
     assert bf16["weights_compared"] > 0 and bf16["max_rel_weight_change"] < 2 ** -7
-    assert bf16["latest_checkpoint"] == "iter_0000002"
+    assert bf16["latest_checkpoint"] == "iter_0000002" and bf16["latest_after_resume"] == "iter_0000003"
 
     ops = sections["vocab_parallel_ops"]["max_abs_errors"]
     assert set(ops) == {"float32", "bfloat16"}
