@@ -511,11 +511,18 @@ def _build_opd_student(workdir: Path, sizes: Sizes, state, device: torch.device)
 
 def section_throughput_mfu(check: Check, args, device: torch.device, workdir: Path, sizes: Sizes) -> None:
     from megatron_opd.platform import ParallelConfig, initialize_distributed
+    from megatron_opd.platform.parallel import process_group_timeout
     from megatron_opd.training.loop import REPORT_KEYS
     from megatron_opd.training.step import train_step
 
     peak = measure_bf16_peak(device, sizes.peak_n)
     state = initialize_distributed(ParallelConfig())
+    # the NCCL (gloo on CPU) groups carry the configured timeout, not torch's 10-minute default
+    timeouts = {name: process_group_timeout(group).total_seconds() / 60
+                for name, group in (("world", None), ("tp", state.tp_group), ("dp", state.dp_group))}
+    check.put(process_group_timeout_minutes=timeouts)
+    check.expect(set(timeouts.values()) == {float(state.config.distributed_timeout_minutes)},
+                 f"process-group timeouts {timeouts} != {state.config.distributed_timeout_minutes} min")
     student, loss = _build_opd_student(workdir, sizes, state, device)
     exp = _opd_experience(sizes.bench_tokens, sizes.bench_model["vocab_size"])
     times, losses = [], []
