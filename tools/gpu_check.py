@@ -15,7 +15,7 @@ the others; the process exits 0 only when all passed):
 
 * ``environment``: device, torch/CUDA/TE, the version check against ``megatron_opd/versions.py``
   (reported, not enforced: the Docker build enforces it), the wheel install.
-* ``bf16_load_resume``: a HF Qwen3 → ``tools/convert_hf_to_megatron.py`` → ``torchrun -m megatron_opd.cli
+* ``bf16_load_resume``: a HF Qwen3 → ``tools/convert_hf_to_megatron.py`` (on the CPU) → ``torchrun -m megatron_opd.cli
   train --bf16 --load`` (lr 1e-9: the exported weights must equal the converted ones to bf16 rounding,
   which fails when bf16 trains from random weights) with checkpoints → a second run resumes from the
   checkpoint and runs only the next step.
@@ -293,8 +293,10 @@ def section_bf16_load_resume(check: Check, args, device: torch.device, workdir: 
     env = _child_env(args.device)
     data, student, teacher = _write_toy_models(root, sizes)
     mcore = root / "student-mcore"
+    # converted on the CPU (local spec), as docker/README.md tells users; the GPU trainer loads it into the
+    # Transformer Engine spec, whose key set differs (the TE norms' _extra_state)
     convert_s = _run([sys.executable, str(REPO / "tools" / "convert_hf_to_megatron.py"), "--hf-dir", str(student),
-                      "--save", str(mcore), "--overwrite"], env, root / "convert.log", timeout=180)
+                      "--save", str(mcore), "--overwrite"], _child_env("cpu"), root / "convert.log", timeout=180)
     flags = {"--student-hf": student, "--teacher-hf": teacher, "--data-path": data, "--rollout-url": "local",
              "--teacher-url": "local", "--bf16": True, "--load": mcore, "--save": root / "ckpt",
              "--save-interval": 2, "--train-iters": 2, "--lr": 1e-9, "--min-lr": 1e-9, "--lr-warmup-iters": 0,
