@@ -43,7 +43,6 @@ import importlib.metadata
 import json
 import math
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -558,6 +557,13 @@ def _all_sections() -> dict:
             "engines": section_engines, "te_parity": section_te_parity, "throughput_mfu": section_throughput_mfu}
 
 
+def _write_report(path: Path, report: dict, start: float) -> None:
+    report["total_seconds"] = round(time.time() - start, 1)
+    report["passed"] = all(s["passed"] for s in report["sections"].values()) and bool(report["sections"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     sizes = TINY if args.tiny else FULL
@@ -573,8 +579,9 @@ def main(argv=None) -> int:
     report = {"device": args.device, "tiny": args.tiny, "sizes": asdict(sizes), "sections": {}}
     functions = _all_sections()
     with cleanup:
-        # environment first (the wheel install must precede any import of the project's dependencies); the
-        # subprocess section next, before this process takes the GPU; the in-process ones last
+        # environment first (the wheel install must precede any import of the project's dependencies), then
+        # the subprocess section, then the in-process ones; the report is rewritten after every section so
+        # a run killed by a time limit still leaves what it measured
         for name in SECTIONS:
             if name not in chosen:
                 continue
@@ -583,16 +590,12 @@ def main(argv=None) -> int:
                                             "error": f"not run: the {args.budget:.0f} s budget was spent"}
                 continue
             report["sections"][name] = run_section(name, functions[name], args, device, workdir, sizes)
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+            _write_report(args.out, report, start)
     with contextlib.suppress(Exception):
         from megatron_opd.platform import destroy_distributed
 
         destroy_distributed()
-    report["total_seconds"] = round(time.time() - start, 1)
-    report["passed"] = all(s["passed"] for s in report["sections"].values()) and bool(report["sections"])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=str))
+    _write_report(args.out, report, start)
     print(f"[gpu_check] {'PASSED' if report['passed'] else 'FAILED'} in {report['total_seconds']} s; report: {args.out}")
     return 0 if report["passed"] else 1
 
