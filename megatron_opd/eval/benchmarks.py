@@ -29,11 +29,15 @@ PAPER_BENCHMARKS = ("aime24", "aime25", "math500", "amc23")
 TOY_BENCHMARK = "toy"
 TOY_EVAL_SEED = 2024
 TOY_EVAL_SIZE = 128
+TOY_VAL_BENCHMARK = "toy_val"
+TOY_VAL_SEED = 2025
+"""``toy_val``: validation problems for choosing hyper-parameters (e.g. ``megatron-opd variants --lr-sweep``):
+the toy test split's region of problem space (so never a training problem), minus the ``toy`` problems."""
 CHAIN_BENCHMARKS = {"chain": "test", "chain_val": "validation"}
 """Long-horizon task benchmarks and their splits (never the train split)."""
 CHAIN_EVAL_SEED = 2024
 CHAIN_EVAL_SIZE = 256
-SYNTHETIC_BENCHMARKS = (TOY_BENCHMARK, *CHAIN_BENCHMARKS)
+SYNTHETIC_BENCHMARKS = (TOY_BENCHMARK, TOY_VAL_BENCHMARK, *CHAIN_BENCHMARKS)
 """Trained on bare problems: no instruction is appended (``EvalConfig.instruction_for``)."""
 
 
@@ -133,6 +137,14 @@ def _check(records: list[dict], name: str, origin: str) -> None:
         seen.add(rec["id"])
 
 
+def _toy_validation() -> list[dict]:
+    """TOY_EVAL_SIZE held-out problems disjoint from both the training split and the ``toy`` test problems."""
+    test = {r["problem"] for r in generate_toy_problems(TOY_EVAL_SIZE, seed=TOY_EVAL_SEED, split="test")}
+    candidates = generate_toy_problems(2 * TOY_EVAL_SIZE, seed=TOY_VAL_SEED, split="test")
+    kept = [r for r in candidates if r["problem"] not in test][:TOY_EVAL_SIZE]
+    return [{**r, "id": f"toy-val-{i:05d}"} for i, r in enumerate(kept)]
+
+
 def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     """Records ``{id, problem, answer, ...}`` of benchmark ``name`` (see the module table).
 
@@ -140,6 +152,8 @@ def load_benchmark(name: str, data_dir: str | Path | None = None) -> list[dict]:
     """
     if name == TOY_BENCHMARK:
         return generate_toy_problems(TOY_EVAL_SIZE, seed=TOY_EVAL_SEED, split="test")
+    if name == TOY_VAL_BENCHMARK:
+        return _toy_validation()
     if name in CHAIN_BENCHMARKS:
         return generate_chain_problems(CHAIN_EVAL_SIZE, seed=CHAIN_EVAL_SEED, split=CHAIN_BENCHMARKS[name])
     if name not in HUB_SOURCES:

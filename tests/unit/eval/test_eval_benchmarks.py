@@ -90,3 +90,13 @@ def test_hub_path_maps_fields_concatenates_configs_and_checks_counts(monkeypatch
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, config, split: [{"problem": "p", "answer": 1.0}] * 3)
     with pytest.raises(ValueError, match="hub dataset HuggingFaceH4/aime_2024 has 3 records, expected 30"):
         load_benchmark("aime24")
+
+
+def test_toy_validation_is_disjoint_from_test_and_train():
+    from megatron_opd.data.toy_task import _split_of
+
+    val, test = load_benchmark("toy_val"), load_benchmark("toy")
+    assert len(val) == len(test) and val == load_benchmark("toy_val")
+    assert not {r["problem"] for r in val} & {r["problem"] for r in test}
+    assert all(_split_of(r["problem"]) == "test" for r in val)  # never a problem of the training split
+    assert len({r["id"] for r in val}) == len(val) and all(r["id"].startswith("toy-val-") for r in val)
