@@ -18,6 +18,9 @@ def _train(argv: list[str]) -> int:
     from megatron_opd.platform.fallbacks import fallback_summary, quiet_megatron_fallbacks
 
     quiet_megatron_fallbacks()  # before megatron is imported: one summary line instead of a wall of warnings
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of every engine, on every rank
     from megatron_opd.training.cli import parse_config
     from megatron_opd.training.config import ConfigError
 

@@ -1,23 +1,31 @@
 """A long-horizon synthetic task: a chain of local steps where one early slip derails the answer.
 
-A problem gives an 8-digit start state ``s`` and an 8-digit binary key ``k``; the response applies
-the step "advance every digit whose key digit is 1 by one, modulo 10" nine times, one line per step
-(``state+key=next``), each line labelled with a countdown, and ends with the final state boxed::
+A problem is the chain's line 9: an 8-digit binary key ``k`` and the 8-digit start state ``s`` as
+its result (its first operand hidden as dots). The response continues the chain: it applies the step
+"advance every digit whose key digit is 1 by one, modulo 10" nine times, one line per step
+(``state+key=next``), labelled with a countdown, and ends with the final state boxed::
 
-    problem:  s=48213157;k=01101001
+    problem:  9:........+01101001=48213157
     solution: 8:48213157+01101001=49314158
               7:49314158+01101001=40415159
               ...
               0:........+01101001=RRRRRRRR
               \\boxed{RRRRRRRR}
 
+The prompt is fed raw (no chat template: trainer ``--no-chat-template``, the ``chain`` benchmarks
+likewise), so the first response line reads the prompt line exactly as every later line reads the
+line before it: at the same distances. (With the chat template in between, a 2 x 128 model still
+got 80% of the first line's digits wrong after 400 SFT steps while the later lines were nearly
+right: the first line needed copies at distances used nowhere else.)
+
 Why this shape (the regime where sampled-token OPD is fragile, and a tiny model learns it fast):
 
 - **Long**: 9 lines of 28 characters plus the box: 278-token responses with EOS (one token per
   character), i.e. more than 4 blocks of 64 tokens; the prompt has a fixed length.
 - **Local**: every character is a function of characters at fixed distances behind it (the
-  previous line's result and key, the previous label, or this line's two operands), never of
-  the k-th item of a list; the arithmetic is "add 0 or 1", as easy as the countdown.
+  previous line's result and key, the previous label, or this line's two operands; for the first
+  line the prompt line), never of the k-th item of a list; the arithmetic is "add 0 or 1", as easy
+  as the countdown.
 - **No shortcut**: a digit advanced by one repeats only after 10 steps, so within the 9-step
   chain no line can be copied from an earlier one; every line comes from the one before it.
 - **Fragile**: each line starts from the previous line's result, so one wrong digit anywhere
@@ -49,6 +57,9 @@ STEPS = 9
 """Fixed: the labels 8..0 are one digit; 9 steps of +1 never revisit a digit value (10 would bring
 every digit back to its start, making the answer a copy of the prompt)."""
 STEP_DELIMITER = "\n"
+HIDDEN = "."
+"""Fills the prompt line's first operand: the state before the start would give the answer away
+(10 steps of the map are the identity)."""
 
 
 def split_of(problem: str) -> str:
@@ -78,7 +89,9 @@ def render_chain_problem(start: str, key: str) -> dict:
         lines.append(f"{label}:{state}+{key}={result}")
         state = result
     lines.append(f"\\boxed{{{state}}}")
-    return {"problem": f"s={start};k={key}", "answer": state, "solution": STEP_DELIMITER.join(lines)}
+    problem = f"{STEPS}:{HIDDEN * WIDTH}+{key}={start}{STEP_DELIMITER}"
+    return {"problem": problem, "answer": state, "solution": STEP_DELIMITER.join(lines)}
+
 
 
 def _sample(rng: random.Random) -> dict:

@@ -37,6 +37,8 @@ CHAIN_BENCHMARKS = {"chain": "test", "chain_val": "validation"}
 """Long-horizon task benchmarks and their splits (never the train split)."""
 CHAIN_EVAL_SEED = 2024
 CHAIN_EVAL_SIZE = 256
+RAW_PROMPT_BENCHMARKS = tuple(CHAIN_BENCHMARKS)
+"""Trained and evaluated on the raw problem text, without the chat template (``data.chain_task``)."""
 SYNTHETIC_BENCHMARKS = (TOY_BENCHMARK, TOY_VAL_BENCHMARK, *CHAIN_BENCHMARKS)
 """Trained on bare problems: no instruction is appended (``EvalConfig.instruction_for``)."""
 

@@ -35,7 +35,17 @@ def fallback_summary() -> str:
     return "megatron-core fallbacks in use: " + ("; ".join(missing) if missing else "none")
 
 
-def quiet_megatron_fallbacks() -> None:
-    """Filter megatron-core's per-module fallback warnings (call before importing megatron)."""
-    for message in FALLBACK_MESSAGES:
+CUDA_ONLY_ADVICE = (r"When using async grad allreduce it is recommended to set the environment variable "
+                    r"CUDA_DEVICE_MAX_CONNECTIONS",)
+"""Advice about CUDA streams, printed by every TP rank; meaningless without CUDA."""
+
+
+def quiet_megatron_fallbacks(on_cuda: bool | None = None) -> None:
+    """Filter megatron-core's per-module fallback warnings (call before importing megatron), and
+    its CUDA-only advice when running without CUDA."""
+    if on_cuda is None:
+        import torch
+
+        on_cuda = torch.cuda.is_available()
+    for message in FALLBACK_MESSAGES + (() if on_cuda else CUDA_ONLY_ADVICE):
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"megatron\.")

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -28,42 +29,68 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     intermediate: int
+    max_positions: int = 1024
+
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+"""Shipped teacher/student checkpoints (package data), one folder per task: ``assets/<task>/``."""
+ASSET_RECORD = "recipe.json"
+TASKS = {"chain": ("chain", "chain_val"), "toy": ("toy", None)}
+"""Task -> (test benchmark, validation benchmark) of the eval harness."""
 
 
 @dataclass(kw_only=True)
 class DemoRecipe:
     """The embedded default. One SFT run trains the teacher; its early snapshot (at
     ``student_snapshot_step``) is the weaker student: same architecture and tokenizer, less training,
-    so one SFT phase pays for both models."""
+    so one SFT phase pays for both models. Both ship in ``assets/<task>/`` (``megatron-opd demo
+    --from-scratch`` retrains them), so the default demo spends its time on OPD."""
 
-    model: ModelShape = field(default_factory=lambda: ModelShape(layers=4, hidden=128, heads=4, kv_heads=2,
+    task: str = "chain"
+    model: ModelShape = field(default_factory=lambda: ModelShape(layers=2, hidden=128, heads=4, kv_heads=2,
                                                                   head_dim=32, intermediate=384))
     sft: dict = field(default_factory=lambda: {
-        "--train-iters": 500, "--prompts-per-rollout": 64, "--lr": 3e-3, "--min-lr": 3e-4,
-        "--lr-warmup-iters": 20, "--lr-decay-style": "cosine", "--adam-beta2": 0.95})
+        "--train-iters": 800, "--prompts-per-rollout": 16, "--lr": 4e-3, "--min-lr": 4e-4,
+        "--lr-warmup-iters": 10, "--lr-decay-style": "cosine", "--adam-beta2": 0.95, "--no-chat-template": True})
+    sft_nproc: int = 1
     student_snapshot_step: int = 250
     opd: dict = field(default_factory=lambda: {
-        "--objective": "lsm", "--topk": 32, "--gate": "block", "--gate-block-size": 64,
-        "--train-iters": 80, "--prompts-per-rollout": 32, "--samples-per-prompt": 8,
-        "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 8,
-        "--adam-beta2": 0.95, "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 96,
-        "--micro-batch-size": 128})
+        "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
+        "--train-iters": 24, "--prompts-per-rollout": 16, "--samples-per-prompt": 4,
+        "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 4,
+        "--adam-beta2": 0.95, "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 320,
+        "--micro-batch-size": 32, "--no-chat-template": True})
     eval_problems: int = 128
     eval_n: int = 8
-    train_problems: int = 4000
+    train_problems: int = 8000
     nproc: int = 2
     seed: int = 1234
+    assets: Path | None = ASSETS_DIR / "chain"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"recipe task must be one of {sorted(TASKS)}, got {self.task!r}")
+
+    @property
+    def test_benchmark(self) -> str:
+        return TASKS[self.task][0]
+
+    @property
+    def val_benchmark(self) -> str | None:
+        return TASKS[self.task][1]
 
     def fingerprint(self) -> str:
         """Cache key of the SFT teacher + snapshot: only what determines them."""
-        blob = json.dumps([dataclasses.asdict(self.model), self.sft, self.student_snapshot_step,
-                           self.train_problems, self.seed, self.nproc], sort_keys=True, default=str)
+        blob = json.dumps([self.task, dataclasses.asdict(self.model), self.sft, self.student_snapshot_step,
+                           self.train_problems, self.seed, self.sft_nproc], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def quick_recipe() -> DemoRecipe:
-    """A much smaller run for the test suite (it checks the pipeline, not the quality)."""
+    """A much smaller run for the test suite on the short toy task (it checks the pipeline, not the
+    quality): SFT from scratch at TP=2, no shipped checkpoints."""
     return DemoRecipe(
+        task="toy", assets=None, sft_nproc=2,
         model=ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128),
         sft={"--train-iters": 30, "--prompts-per-rollout": 32, "--lr": 3e-3, "--lr-warmup-iters": 3},
         student_snapshot_step=6,
@@ -74,14 +101,21 @@ def quick_recipe() -> DemoRecipe:
 
 
 def write_toy_data(workdir: Path, recipe: DemoRecipe) -> Path:
-    """Training problems as JSONL (the held-out problems are the eval harness's ``toy`` benchmark,
-    disjoint from every train split by construction)."""
-    from megatron_opd.data.toy_task import generate_toy_problems
+    """Training problems of ``recipe.task`` as JSONL (the held-out problems are the eval harness's
+    benchmarks of the task, disjoint from every train split by construction)."""
+    if recipe.task == "chain":
+        from megatron_opd.data.chain_task import generate_chain_problems as generate
+    else:
+        from megatron_opd.data.toy_task import generate_toy_problems as generate
 
-    train = generate_toy_problems(recipe.train_problems, seed=recipe.seed, split="train")
-    path = workdir / "toy_train.jsonl"
+    train = generate(recipe.train_problems, seed=recipe.seed, split="train")
+    path = workdir / f"{recipe.task}_train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in train))
     return path
+
+
+write_task_data = write_toy_data
+"""The name says what it does for every task; ``write_toy_data`` stays for existing callers."""
 
 
 def write_initial_model(out_dir: Path, shape: ModelShape, seed: int) -> Path:
@@ -96,7 +130,7 @@ def write_initial_model(out_dir: Path, shape: ModelShape, seed: int) -> Path:
     tokenizer = build_toy_tokenizer()
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, max_position_embeddings=512,
+                         num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim, max_position_embeddings=shape.max_positions,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
     torch.manual_seed(seed)
@@ -124,16 +158,22 @@ def flags_to_argv(flags: dict) -> list[str]:
     return argv
 
 
-def run_train(flags: dict, nproc: int, run_dir: Path, bar=None) -> float:
+def train_command(flags: dict, nproc: int, run_dir: Path, port: int = 29500) -> list[str]:
+    """The torchrun argv of one ``megatron-opd train`` phase (what ``run_train`` runs, and prints)."""
+    flags = {**flags, "--run-dir": str(run_dir), "--no-progress": True}
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(port), "-m", "megatron_opd.cli", "train", *flags_to_argv(flags)]
+
+
+def run_train(flags: dict, nproc: int, run_dir: Path, bar=None, *, stop_after_s: float | None = None) -> float:
     """torchrun ``megatron-opd train`` with ``flags``; returns wall seconds. Raises on failure.
 
     The trainer's own output goes to ``run_dir/train.log``; ``bar`` advances with the steps it
     writes to ``metrics.jsonl`` (one line per optimizer step, plus one per rollout).
+    ``stop_after_s``: stop the run (SIGTERM) after that many wall seconds; not a failure.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    flags = {**flags, "--run-dir": str(run_dir), "--no-progress": True}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-           "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.cli", "train", *flags_to_argv(flags)]
+    cmd = train_command(flags, nproc, run_dir, port=_free_port())
     # Share the cores between the ranks (each rank's torch would otherwise use all of them).
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     log_file, metrics_file = run_dir / "train.log", run_dir / "metrics.jsonl"
@@ -141,11 +181,15 @@ def run_train(flags: dict, nproc: int, run_dir: Path, bar=None) -> float:
     start, done = time.time(), 0
     with log_file.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        stopped = False
         while proc.poll() is None:
             time.sleep(1.0)
             done = _advance(bar, metrics_file, done)
+            if stop_after_s is not None and not stopped and time.time() - start >= stop_after_s:
+                proc.terminate()  # torchrun forwards it to the ranks
+                stopped = True
     _advance(bar, metrics_file, done)
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not stopped:
         raise RuntimeError(f"training phase failed (exit {proc.returncode}); log {log_file}:\n"
                            f"{log_file.read_text()[-3000:]}")
     return time.time() - start
@@ -160,33 +204,60 @@ def _advance(bar, metrics_file: Path, done: int) -> int:
     return max(current, done)
 
 
-def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None) -> tuple[Path, Path, Path]:
-    """(teacher dir, student dir, training data): one SFT run from random init, cached by recipe."""
+def sft_flags(recipe: DemoRecipe, data_path: Path, init: Path, teacher_dir: Path) -> dict:
+    """The trainer flags of the SFT run that makes the teacher (and the student snapshot)."""
+    return {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.sft_nproc,
+            "--log-interval": 25, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
+            "--minibatches-per-rollout": 1, "--micro-batch-size": recipe.sft["--prompts-per-rollout"],
+            **recipe.sft, "--student-hf": str(init), "--save-hf": str(teacher_dir),
+            "--export-hf-at": str(recipe.student_snapshot_step)}
+
+
+def shipped_models(recipe: DemoRecipe) -> tuple[Path, Path] | None:
+    """(teacher, student) shipped in ``recipe.assets`` when they were made by this very recipe."""
+    if recipe.assets is None or not (recipe.assets / ASSET_RECORD).exists():
+        return None
+    record = json.loads((recipe.assets / ASSET_RECORD).read_text())
+    teacher, student = recipe.assets / "teacher", recipe.assets / "student"
+    if record.get("fingerprint") != recipe.fingerprint() or not (teacher / "config.json").exists():
+        return None
+    return teacher, student
+
+
+def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None, *,
+                   from_scratch: bool = False) -> tuple[Path, Path, Path]:
+    """(teacher dir, student dir, training data). The shipped checkpoints when they match the recipe
+    (unless ``from_scratch``), else one SFT run from random init, cached by recipe."""
     workdir.mkdir(parents=True, exist_ok=True)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     data_path = write_toy_data(workdir, recipe)
-    key = recipe.fingerprint()
-    teacher_dir, student_dir = cache_dir / f"teacher-{key}", cache_dir / f"student-{key}"
     steps = int(recipe.sft["--train-iters"])
-    if (teacher_dir / "config.json").exists() and (student_dir / "config.json").exists():
+    say = bar.write if bar is not None else print
+    shipped = None if from_scratch else shipped_models(recipe)
+    if shipped is not None:
         if bar is not None:
             bar.update(steps)
-            bar.write(f"sft: cached teacher {teacher_dir} and student {student_dir}")
+        say(f"sft: shipped teacher {shipped[0]} and student {shipped[1]} (see {recipe.assets / 'README.md'})")
+        return shipped[0], shipped[1], data_path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = recipe.fingerprint()
+    teacher_dir, student_dir = cache_dir / f"teacher-{key}", cache_dir / f"student-{key}"
+    if not from_scratch and (teacher_dir / "config.json").exists() and (student_dir / "config.json").exists():
+        if bar is not None:
+            bar.update(steps)
+        say(f"sft: cached teacher {teacher_dir} and student {student_dir}")
         return teacher_dir, student_dir, data_path
-    init = write_initial_model(cache_dir / f"init-{key}", recipe.model, recipe.seed)
+    init_dir = cache_dir / f"init-{key}"
+    shutil.rmtree(init_dir, ignore_errors=True)  # from random init, always the same one
+    init = write_initial_model(init_dir, recipe.model, recipe.seed)
     run_dir = workdir / "run_sft"
-    flags = {"--data-path": str(data_path), "--seed": recipe.seed, "--tensor-model-parallel-size": recipe.nproc,
-             "--log-interval": 25, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
-             "--minibatches-per-rollout": 1, "--micro-batch-size": recipe.sft["--prompts-per-rollout"],
-             **recipe.sft, "--student-hf": str(init), "--save-hf": str(teacher_dir),
-             "--export-hf-at": str(recipe.student_snapshot_step)}
-    seconds = run_train(flags, recipe.nproc, run_dir, bar)
+    flags = sft_flags(recipe, data_path, init, teacher_dir)
+    say(f"sft: seed {recipe.seed}; command: {shlex.join(train_command(flags, recipe.sft_nproc, run_dir))}")
+    seconds = run_train(flags, recipe.sft_nproc, run_dir, bar)
     # The snapshot lands in the run dir; publish it into the cache with one rename.
     shutil.rmtree(student_dir, ignore_errors=True)
     os.replace(run_dir / f"hf_step{recipe.student_snapshot_step}", student_dir)
-    if bar is not None:
-        bar.write(f"sft: teacher ({steps} steps) and student (step {recipe.student_snapshot_step}) "
-                  f"trained in {seconds:.0f} s")
+    (workdir / "sft_seconds.txt").write_text(f"{seconds:.1f}\n")
+    say(f"sft: teacher ({steps} steps) and student (step {recipe.student_snapshot_step}) trained in {seconds:.0f} s")
     return teacher_dir, student_dir, data_path
 
 
@@ -201,15 +272,28 @@ def phase_times(run_dir: Path) -> dict:
 
 
 def evaluate_hf_dir(model_dir: Path, out_dir: Path, *, benchmarks, n: int, seed: int, limit, max_new_tokens: int,
-                    data_dir, pool) -> dict:
-    """Evaluate an HF checkpoint with the in-process engine (temperature 1, full support)."""
+                    data_dir, pool, batch_problems: int = 16, chat_template: bool | None = None) -> dict:
+    """Evaluate an HF checkpoint with the in-process engine (temperature 1, full support).
+
+    ``batch_problems`` problems (x ``n`` samples) share one generation batch: larger batches spread
+    the sampler's per-step overhead over more rows; results do not depend on it.
+    ``chat_template``: default off for the benchmarks trained on raw prompts (``chain``), else on."""
     from transformers import AutoTokenizer
 
+    from megatron_opd.eval.benchmarks import RAW_PROMPT_BENCHMARKS
     from megatron_opd.eval.harness import evaluate
     from megatron_opd.rollout import LocalRolloutEngine
+
+    if chat_template is None:
+        raw = [b in RAW_PROMPT_BENCHMARKS for b in benchmarks]
+        if any(raw) and not all(raw):
+            raise ValueError(f"benchmarks {list(benchmarks)}: mixes raw-prompt and chat-template benchmarks; "
+                             f"evaluate them separately or pass chat_template")
+        chat_template = not any(raw)
 
     shutil.rmtree(out_dir, ignore_errors=True)  # never resume generations of an older model
     engine = LocalRolloutEngine(str(model_dir), seed=seed)
     return evaluate(engine, AutoTokenizer.from_pretrained(model_dir), benchmarks=benchmarks, n=n, ks=(1, n),
                     out_dir=str(out_dir), pool=pool, limit=limit, temperature=1.0, top_p=1.0,
-                    max_new_tokens=max_new_tokens, seed=seed, data_dir=data_dir, show_progress=False)
+                    max_new_tokens=max_new_tokens, seed=seed, data_dir=data_dir, show_progress=False,
+                    batch_problems=batch_problems, chat_template=chat_template)

@@ -26,6 +26,14 @@ def test_quick_demo_end_to_end(tmp_path, demo_cache):
     opd_steps = [json.loads(line) for line in (tmp_path / "run" / "run_opd" / "metrics.jsonl").read_text().splitlines()]
     assert any("gate_mean" in row for row in opd_steps)
     assert (tmp_path / "run" / "student_after_opd" / "config.json").exists()
+    assert (tmp_path / "run" / "demo.png").stat().st_size > 0
+    for row in summary["results"].values():  # 95% CIs around both metrics
+        for key in ("pass@1", "pass@4"):
+            assert row["ci"][key][0] <= row[key] <= row["ci"][key][1]
+    # Clean trainer output: one line names Megatron's TE/Apex fallbacks instead of a wall of warnings.
+    log = (tmp_path / "run" / "run_opd" / "train.log").read_text()
+    assert log.count("megatron-core fallbacks in use:") == 1 and "Falling back" not in log, log[:3000]
+    assert "deprecated" not in log, log[:3000]
     # Second run: teacher and student SFT come from the cache.
     again = run_demo(tmp_path / "run2", demo_cache)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -15,7 +15,7 @@ from megatron_opd.data.chain_task import (
 from megatron_opd.data.toy_task import build_toy_tokenizer
 from megatron_opd.eval.grading import grade_verdict
 
-PROBLEM_RE = re.compile(r"^s=(\d{8});k=([01]{8})$")
+PROBLEM_RE = re.compile(r"^9:\.{8}\+([01]{8})=(\d{8})\n$")
 LINE_RE = re.compile(r"^(\d):(\d{8})\+([01]{8})=(\d{8})$")
 
 
@@ -34,7 +34,7 @@ def test_solutions_follow_the_task_definition(split):
     assert len(records) == 300 and len({r["problem"] for r in records}) == 300
     steps, keys = STEPS, set()
     for rec in records:
-        start, key = PROBLEM_RE.match(rec["problem"]).groups()
+        key, start = PROBLEM_RE.match(rec["problem"]).groups()
         keys.add(key)
         expected = _reference_chain(start, key, steps)
         lines = rec["solution"].split("\n")
@@ -63,7 +63,7 @@ def test_responses_span_at_least_four_blocks_of_64_tokens():
         assert tokenizer.decode(ids) == rec["solution"]
         lengths.append(len(ids) + 1)  # + EOS
         prompt = tokenizer(rec["problem"], add_special_tokens=False)["input_ids"]
-        assert len(prompt) == len("s=00000000;k=00000000")  # fixed-length prompt
+        assert len(prompt) == len("9:........+00000000=00000000\n")  # fixed-length prompt, one chain line
     assert min(lengths) >= 256 and max(lengths) <= 512, (min(lengths), max(lengths))
 
 
@@ -80,7 +80,7 @@ def test_splits_are_disjoint_and_deterministic():
     # The hash split gives each of the held-out splits about a tenth of the problem space.
     counts = {s: 0 for s in SPLITS}
     for i in range(5000):
-        counts[split_of(f"s={i:08d};k=01101001")] += 1
+        counts[split_of(render_chain_problem(f"{i:08d}", "01101001")["problem"])] += 1
     assert 350 < counts["test"] < 650 and 350 < counts["validation"] < 650, counts
 
 
