@@ -122,10 +122,11 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
     if not math.isfinite(result.get("loss_sum", 0.0)):
         result["skipped"] = 1.0
         return result
+    # The rate this step runs at: the scheduler sets the next step's rate as it moves on.
+    lr = student.optimizer.param_groups[0]["lr"]
     update_ok, grad_norm, _ = student.optimizer.step()
     student.scheduler.step(increment=1)
-    result.update(skipped=0.0 if update_ok else 1.0, grad_norm=float(grad_norm or 0.0),
-                  lr=student.optimizer.param_groups[0]["lr"])
+    result.update(skipped=0.0 if update_ok else 1.0, grad_norm=float(grad_norm or 0.0), lr=lr)
     return result
 
 
