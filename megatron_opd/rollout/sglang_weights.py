@@ -14,6 +14,8 @@ import asyncio
 import itertools
 import math
 import threading
+import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
@@ -150,32 +152,66 @@ class WeightSyncClient:
                               f"(> {self.probe_atol}): the new weights are not in use", url)
 
     # --- NCCL path (GPU clusters) -------------------------------------------------------------
-    def init_update_group(self, master_address: str, master_port: int, group_name: str = "megatron_opd",
-                          backend: str = "nccl", worker_tp_sizes: list[int] | None = None):
+    def init_update_group(self, master_address: str, master_port: int, group_name: str | None = None,
+                          backend: str = "nccl", worker_tp_sizes: list[int] | None = None,
+                          timeout_s: float = 600.0):
         """Forms the update group: the trainer is rank 0, worker i's ranks start at 1 + Σ earlier TP sizes.
 
-        Returns the trainer's process group (collective: blocks until every worker joined).
+        group_name: None gives a fresh name per call. A server keeps its side of a group after the
+        trainer dies and refuses a second group of the same name ("The specified group name has
+        already been created"), so a restarted trainer must not reuse one. The name is kept for
+        ``update_from_distributed``. Returns the trainer's process group (collective: blocks until
+        every worker joined; a worker that answers an error stops the wait at once).
         """
+        name = group_name or f"megatron_opd-{uuid.uuid4().hex[:8]}"
         tp_sizes = worker_tp_sizes or [1] * len(self.urls)
         world_size = 1 + sum(tp_sizes)
         offsets = [1 + sum(tp_sizes[:i]) for i in range(len(self.urls))]
         calls = [(u, "/init_weights_update_group",
                   {"master_address": master_address, "master_port": int(master_port), "rank_offset": off,
-                   "world_size": world_size, "group_name": group_name, "backend": backend})
+                   "world_size": world_size, "group_name": name, "backend": backend})
                  for u, off in zip(self.urls, offsets)]
         thread, box = self._post_in_background(calls)
-        group = trainer_update_group(master_address, master_port, world_size, group_name, backend)
-        _join(thread, box)
-        return group
+        formed: dict = {}
 
-    def update_from_distributed(self, named_tensors: list[tuple[str, torch.Tensor]], group, group_name: str,
-                                weight_version: str | None = None) -> str:
-        """Broadcasts tensors (rank 0 = trainer) while every worker's HTTP call receives them."""
-        version = weight_version or f"v{next(self._versions)}"
-        payload = distributed_update_payload(named_tensors, group_name, version)
-        thread, box = self._post_in_background([(u, "/update_weights_from_distributed", payload) for u in self.urls])
-        broadcast_named_tensors(named_tensors, group)
+        def form():  # in a thread, so that a worker's error answer can end the wait
+            try:
+                formed["group"] = trainer_update_group(master_address, master_port, world_size, name, backend,
+                                                       timeout=timedelta(seconds=timeout_s))
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                formed["error"] = err
+
+        former = threading.Thread(target=form, daemon=True)
+        former.start()
+        _wait_unless_workers_fail(lambda: not former.is_alive(), thread, box, "forming the weight-update group")
+        if "error" in formed:
+            raise formed["error"]
         _join(thread, box)
+        self.update_group_name = name
+        return formed["group"]
+
+    def update_from_distributed(self, named_tensors: list[tuple[str, torch.Tensor]], group,
+                                group_name: str | None = None, weight_version: str | None = None) -> str:
+        """Broadcasts tensors (rank 0 = trainer) while every worker's HTTP call receives them.
+
+        SGLang 0.5.23 loads distributed weights only inside a weight-update session: each worker gets
+        ``/begin_weight_update`` first and ``/end_weight_update`` after (without the session it answers
+        400 at once while the trainer would wait in the broadcast).
+        """
+        version = weight_version or f"v{next(self._versions)}"
+        name = group_name or getattr(self, "update_group_name", None)
+        if name is None:
+            raise ValueError("update_from_distributed: no group_name and no group formed by init_update_group")
+        _join(*self._post_in_background([(u, "/begin_weight_update", {}) for u in self.urls]))
+        payload = distributed_update_payload(named_tensors, name, version)
+        thread, box = self._post_in_background([(u, "/update_weights_from_distributed", payload) for u in self.urls])
+        works = broadcast_named_tensors(named_tensors, group, async_op=True)
+        _wait_unless_workers_fail(lambda: all(w.is_completed() for w in works), thread, box,
+                                  "broadcasting weights (the workers' weights are now partly updated)")
+        for work in works:
+            work.wait()  # host sync: the last broadcast has left the trainer
+        _join(thread, box)
+        _join(*self._post_in_background([(u, "/end_weight_update", {}) for u in self.urls]))
         return version
 
     def _post_in_background(self, calls: list[tuple[str, str, dict]]):
@@ -238,11 +274,30 @@ def distributed_update_payload(named_tensors: list[tuple[str, torch.Tensor]], gr
             "flush_cache": True, "weight_version": version}
 
 
-def broadcast_named_tensors(named_tensors: list[tuple[str, torch.Tensor]], group) -> None:
-    """The trainer's half of an update: one broadcast from rank 0 per tensor, in payload order."""
+def broadcast_named_tensors(named_tensors: list[tuple[str, torch.Tensor]], group, async_op: bool = False) -> list:
+    """The trainer's half of an update: one broadcast from rank 0 per tensor, in payload order.
+
+    With ``async_op`` returns the pending works (each keeps its tensor alive until it completes).
+    """
+    works = []
     for _, tensor in named_tensors:
         # collective: trainer -> every worker rank (a broadcast needs contiguous memory)
-        torch.distributed.broadcast(tensor.detach().contiguous(), src=0, group=group)
+        work = torch.distributed.broadcast(tensor.detach().contiguous(), src=0, group=group, async_op=async_op)
+        works.append(work)
+    return works if async_op else []
+
+
+def _wait_unless_workers_fail(done, thread: threading.Thread, box: dict, what: str, poll_s: float = 0.05) -> None:
+    """Waits until ``done()``; raises as soon as the workers' HTTP calls ended in an error instead
+    (a collective whose peers gave up would otherwise wait for the whole group timeout)."""
+    while not done():
+        if not thread.is_alive():
+            failed = box.get("error") or next((b for b in box.get("out", []) if isinstance(b, dict)
+                                               and b.get("success") is False), None)
+            if failed is not None:
+                message = failed if isinstance(failed, BaseException) else failed.get("message")
+                raise SGLangError(f"{what}: a worker failed: {message}")
+        time.sleep(poll_s)
 
 
 def _tcp_url(host: str, port: int) -> str:
