@@ -1,4 +1,4 @@
-"""One member of an SGLang weight-update group, run as its own process by test_update_group.py.
+"""One member of an SGLang weight-update group, run as its own process by test_distributed_update_group.py.
 
 ``trainer SPEC``: the project's side (its venv): ``trainer_update_group`` + ``broadcast_named_tensors``.
 ``sglang SPEC RANK_OFFSET OUT``: SGLang's side, run by the real-SGLang environment's python. It calls
