@@ -41,10 +41,12 @@ def _local_layer_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_opd.models.sdpa_attention import SDPADotProductAttention
+    from megatron_opd.models.swiglu_mlp import SwiGLUMLP
 
     spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
     # Fused SDPA for the causal case: the unfused local attention was most of a CPU train step.
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
+    spec.submodules.mlp.module = SwiGLUMLP  # SwiGLU as one autograd node (no strided add/cat)
     spec.submodules.input_layernorm = TorchRMSNorm
     spec.submodules.pre_mlp_layernorm = TorchRMSNorm
     # q/k norms act on head_dim after the (sequence-gathering) qkv projection: never SP-sharded.
