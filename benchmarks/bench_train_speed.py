@@ -80,9 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--bf16-loss-tol", type=float, default=5e-2)
     parser.add_argument("--profile", action="store_true",
                         help="torch.profiler op breakdown of both sides (3 alternating steps) instead of timing")
-    parser.add_argument("--unfused-attention", action="store_true",
-                        help="Megatron sides use Megatron's own unfused local attention (the trainer before "
-                             "models/sdpa_attention.py) instead of the fused SDPA path")
+    parser.add_argument("--stock-layers", action="store_true",
+                        help="Megatron sides use Megatron's own unfused local attention and gated MLP (the "
+                             "trainer before models/sdpa_attention.py and models/swiglu_mlp.py)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -287,17 +287,19 @@ def main(argv=None) -> int:
     micro_batch = args.micro_batch or shape.micro_batch
     batch_size = micro_batch * args.microbatches
     state = initialize_distributed(ParallelConfig(seed=args.seed))
-    if args.unfused_attention:
+    if args.stock_layers:
         from megatron_opd.models.sdpa_attention import SDPADotProductAttention
+        from megatron_opd.models.swiglu_mlp import SwiGLUMLP
 
         SDPADotProductAttention._fast_path_ok = lambda *a, **k: False  # always Megatron's own path
+        SwiGLUMLP._plain_swiglu = lambda *a, **k: False
     exp = build_batch(shape, batch_size, args.seed + 1)
     sides = build_sides(args.sides.split(","), args, state, shape, exp, micro_batch)
     tokens = exp.input_ids.numel()
     print(f"shape {args.shape}: {shape}; {batch_size} sequences x {exp.input_ids.shape[1]} tokens = {tokens} "
           f"per step ({int(exp.loss_mask.sum())} loss tokens), micro-batch {micro_batch}, "
-          f"torch threads {torch.get_num_threads()}, megatron attention "
-          f"{'unfused (Megatron local)' if args.unfused_attention else 'fused SDPA'}")
+          f"torch threads {torch.get_num_threads()}, megatron layers "
+          f"{'stock Megatron local' if args.stock_layers else 'SDPA attention + SwiGLU MLP'}")
     if args.profile:
         profile_sides(sides)
         return 0
