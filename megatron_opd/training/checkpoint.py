@@ -113,6 +113,31 @@ def find_run_to_resume(save_dir: str | None, load_dir: str | None) -> Path | Non
     return None
 
 
+def _check_same_precision(path: Path, student) -> None:
+    """Refuse a run checkpoint saved with the other --bf16 setting, before any collective (every rank raises).
+
+    The optimizer state differs between the two: with --bf16 Megatron's mixed-precision optimizer keeps fp32
+    main params next to the bf16 weights, the fp32 optimizer has none, so the load would fail deep inside
+    Megatron with an unclear error (dist-checkpointing's list of missing optimizer keys for fp32 -> --bf16,
+    ``KeyError: 'pre_wd_mult'`` for --bf16 -> fp32). A converted checkpoint under --load holds weights only
+    and is never resumed, so it loads in either dtype.
+    """
+    from megatron_opd.models import read_checkpoint_marker
+
+    saved = read_checkpoint_marker(path / "model")["layout"].get("dtype")
+    current = str(next(student.unwrapped()[0].parameters()).dtype).removeprefix("torch.")
+    if saved is None or saved == current:
+        return
+    saved_with = "with" if saved == "bfloat16" else "without"
+    running_with = "with" if current == "bfloat16" else "without"
+    change = "drop --bf16" if current == "bfloat16" else "add --bf16"
+    raise CheckpointError(
+        f"{path}: run checkpoint saved {saved_with} --bf16 ({saved} weights and optimizer state), but this run is "
+        f"{running_with} --bf16 ({current}). --bf16 must match the run checkpoint being resumed: {change} to resume "
+        "it, or give --save/--load a directory without run checkpoints to start a new run (a converted checkpoint "
+        "under --load loads in either dtype).")
+
+
 def load_run_checkpoint(path: Path, student) -> dict:
     """Collective. Restores model, optimizer, scheduler and RNG; returns the trainer state."""
     from megatron_opd.models import load_checkpoint
@@ -120,6 +145,7 @@ def load_run_checkpoint(path: Path, student) -> dict:
     state_file = path / "trainer_state.json"
     if not state_file.exists():
         raise CheckpointError(f"{path}: missing trainer_state.json (not a megatron-opd run checkpoint)")
+    _check_same_precision(path, student)
     load_checkpoint(str(path / "model"), student.unwrapped(), optimizer=student.optimizer,
                     opt_param_scheduler=student.scheduler)
     _barrier()
