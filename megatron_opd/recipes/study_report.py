@@ -322,20 +322,50 @@ def write_study_report(data: dict, out_dir: Path, name: str = "variants", title:
     return paths
 
 
+def merge_studies(records: list[dict], preset: str | None = None) -> dict:
+    """One study record from several run on disjoint seeds or variants (e.g. seed-parallel processes).
+
+    Results are united per (variant, seed); ``preset`` (six | ablations) fixes the variant list and order,
+    else it is the union in order of appearance. Commands are kept, one per input."""
+    from megatron_opd.recipes.variants import PRESETS, SFT_CONTROL, default_pairs
+
+    merged = {**records[0], "results": {}, "commands": [r.get("command", "") for r in records]}
+    variants = {}
+    for record in records:
+        for variant in record["variants"]:
+            variants.setdefault(variant["name"], variant)
+        for name, runs in record["results"].items():
+            merged["results"].setdefault(name, {}).update(runs)
+    if preset:
+        names = [v["name"] for v in PRESETS[preset]] + ([SFT_CONTROL] if SFT_CONTROL in variants else [])
+        merged["variants"] = [variants.get(n, {"name": n, "flags": None}) for n in names]
+        merged["results"] = {n: merged["results"][n] for n in names if n in merged["results"]}
+    else:
+        merged["variants"] = list(variants.values())
+    merged["seeds"] = sorted({int(s) for r in records for s in r["seeds"]})
+    merged["pairs"] = default_pairs([v for v in merged["variants"] if v["name"] != SFT_CONTROL])
+    merged["command"] = "\n    ".join(dict.fromkeys(merged["commands"]))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Re-write a report from its JSON (e.g. after adding notes): ``python -m megatron_opd.recipes.study_report``."""
+    """Re-write a report from its JSON (e.g. after adding notes), or merge several:
+    ``python -m megatron_opd.recipes.study_report A.json [B.json ...] [--out DIR/NAME] [--preset six]``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("json", help="NAME.json written by megatron-opd variants")
+    parser.add_argument("json", nargs="+", help="NAME.json files written by megatron-opd variants")
     parser.add_argument("--notes", help="Markdown notes to put near the top")
     parser.add_argument("--title", default="Six-variant study")
+    parser.add_argument("--out", help="DIR/NAME of the merged report (default: the first JSON's)")
+    parser.add_argument("--preset", choices=("six", "ablations"), help="variant list and order of the merged report")
     args = parser.parse_args(argv)
-    path = Path(args.json)
-    data = json.loads(path.read_text())
+    records = [json.loads(Path(p).read_text()) for p in args.json]
+    data = merge_studies(records, args.preset) if len(records) > 1 or args.preset else records[0]
     if args.notes:
         data["notes"] = Path(args.notes).read_text()
-    write_study_report(data, path.parent, path.stem, title=args.title)
+    out = Path(args.out) if args.out else Path(args.json[0]).with_suffix("")
+    write_study_report(data, out.parent, out.name, title=args.title)
     return 0
 
 

@@ -73,3 +73,19 @@ def test_presets_and_lr_grid():
     assert parse_lr_grid("sampled=1e-4,3e-4; lsm=1e-3") == {"sampled": [1e-4, 3e-4], "lsm": [1e-3]}
     with pytest.raises(ValueError, match="no learning rates"):
         parse_lr_grid("lsm=")
+
+
+def test_merge_of_seed_parallel_studies():
+    from megatron_opd.recipes.study_report import merge_studies
+
+    full = _study()
+    parts = []
+    for seed in ("1", "2", "3"):
+        part = {**full, "seeds": [int(seed)], "command": f"run {seed}",
+                "results": {name: {seed: runs[seed]} for name, runs in full["results"].items()}}
+        parts.append(part)
+    merged = merge_studies(parts)
+    assert merged["seeds"] == [1, 2, 3] and merged["results"] == full["results"]
+    assert paired_rows(merged) == paired_rows(full) and merged["command"].count("run ") == 3
+    six = merge_studies(parts, preset="six")
+    assert [v["name"] for v in six["variants"]][:2] == ["base (no training)", "sampled"]
