@@ -204,10 +204,11 @@ def format_study(data: dict, title: str) -> str:
         parts += ["## Answer (paired by seed, 95% Student-t CI)\n", "\n".join(conclusion) + "\n"]
     if data.get("notes"):
         parts += ["## Notes\n", data["notes"].rstrip() + "\n"]
-    parts += ["## Setup\n", _describe_setup(data),
-             "## Test results (mean ± 95% t-interval over seeds)\n", _main_table(data),
-             "## Paired differences\n", _pairs_table(data)]
-    missing = _missing(data)
+    parts += ["## Setup\n", _describe_setup(data)]
+    if data["results"]:  # a sweep-only record has no test results yet
+        parts += ["## Test results (mean ± 95% t-interval over seeds)\n", _main_table(data),
+                  "## Paired differences\n", _pairs_table(data)]
+    missing = _missing(data) if data["results"] else []
     if missing:
         parts += ["**Missing or failed:** " + "; ".join(missing) + "\n"]
     for key, label in (("abs_drift_mean", "mean |δ| by update index"), ("gate_std", "std ĝ by update index"),
