@@ -53,6 +53,9 @@ class DemoRecipe:
         "--train-iters": 800, "--prompts-per-rollout": 16, "--lr": 4e-3, "--min-lr": 4e-4,
         "--lr-warmup-iters": 10, "--lr-decay-style": "cosine", "--adam-beta2": 0.95, "--no-chat-template": True})
     sft_nproc: int = 1
+    teacher_snapshot_step: int | None = 400
+    """The teacher is this step's snapshot of the SFT run (None: its end); the run stops there. The
+    learning-rate schedule spans all ``--train-iters``, so the snapshot does not depend on the stop."""
     student_snapshot_step: int = 250
     opd: dict = field(default_factory=lambda: {
         "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
@@ -72,6 +75,11 @@ class DemoRecipe:
             raise ValueError(f"recipe task must be one of {sorted(TASKS)}, got {self.task!r}")
 
     @property
+    def sft_steps(self) -> int:
+        """SFT steps the teacher gets (the run stops after them)."""
+        return self.teacher_snapshot_step or int(self.sft["--train-iters"])
+
+    @property
     def test_benchmark(self) -> str:
         return TASKS[self.task][0]
 
@@ -82,7 +90,8 @@ class DemoRecipe:
     def fingerprint(self) -> str:
         """Cache key of the SFT teacher + snapshot: only what determines them."""
         blob = json.dumps([self.task, dataclasses.asdict(self.model), self.sft, self.student_snapshot_step,
-                           self.train_problems, self.seed, self.sft_nproc], sort_keys=True, default=str)
+                           self.teacher_snapshot_step, self.train_problems, self.seed, self.sft_nproc],
+                          sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -90,7 +99,7 @@ def quick_recipe() -> DemoRecipe:
     """A much smaller run for the test suite on the short toy task (it checks the pipeline, not the
     quality): SFT from scratch at TP=2, no shipped checkpoints."""
     return DemoRecipe(
-        task="toy", assets=None, sft_nproc=2,
+        task="toy", assets=None, sft_nproc=2, teacher_snapshot_step=None,
         model=ModelShape(layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, intermediate=128),
         sft={"--train-iters": 30, "--prompts-per-rollout": 32, "--lr": 3e-3, "--lr-warmup-iters": 3},
         student_snapshot_step=6,
@@ -165,12 +174,14 @@ def train_command(flags: dict, nproc: int, run_dir: Path, port: int = 29500) -> 
             "127.0.0.1", "--master-port", str(port), "-m", "megatron_opd.cli", "train", *flags_to_argv(flags)]
 
 
-def run_train(flags: dict, nproc: int, run_dir: Path, bar=None, *, stop_after_s: float | None = None) -> float:
+def run_train(flags: dict, nproc: int, run_dir: Path, bar=None, *, stop_after_s: float | None = None,
+              stop_when=None) -> float:
     """torchrun ``megatron-opd train`` with ``flags``; returns wall seconds. Raises on failure.
 
     The trainer's own output goes to ``run_dir/train.log``; ``bar`` advances with the steps it
     writes to ``metrics.jsonl`` (one line per optimizer step, plus one per rollout).
-    ``stop_after_s``: stop the run (SIGTERM) after that many wall seconds; not a failure.
+    ``stop_after_s``: stop the run (SIGTERM) after that many wall seconds; ``stop_when``: a callable,
+    stop once it returns True (polled every second). Neither is a failure.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = train_command(flags, nproc, run_dir, port=_free_port())
@@ -185,7 +196,8 @@ def run_train(flags: dict, nproc: int, run_dir: Path, bar=None, *, stop_after_s:
         while proc.poll() is None:
             time.sleep(1.0)
             done = _advance(bar, metrics_file, done)
-            if stop_after_s is not None and not stopped and time.time() - start >= stop_after_s:
+            overdue = stop_after_s is not None and time.time() - start >= stop_after_s
+            if not stopped and (overdue or (stop_when is not None and stop_when())):
                 proc.terminate()  # torchrun forwards it to the ranks
                 stopped = True
     _advance(bar, metrics_file, done)
@@ -210,7 +222,8 @@ def sft_flags(recipe: DemoRecipe, data_path: Path, init: Path, teacher_dir: Path
             "--log-interval": 25, "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1,
             "--minibatches-per-rollout": 1, "--micro-batch-size": recipe.sft["--prompts-per-rollout"],
             **recipe.sft, "--student-hf": str(init), "--save-hf": str(teacher_dir),
-            "--export-hf-at": str(recipe.student_snapshot_step)}
+            "--export-hf-at": ",".join(str(s) for s in (recipe.student_snapshot_step, recipe.teacher_snapshot_step)
+                                       if s is not None)}
 
 
 def shipped_models(recipe: DemoRecipe) -> tuple[Path, Path] | None:
@@ -230,7 +243,7 @@ def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None,
     (unless ``from_scratch``), else one SFT run from random init, cached by recipe."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_path = write_toy_data(workdir, recipe)
-    steps = int(recipe.sft["--train-iters"])
+    steps = recipe.sft_steps
     say = bar.write if bar is not None else print
     shipped = None if from_scratch else shipped_models(recipe)
     if shipped is not None:
@@ -252,10 +265,15 @@ def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None,
     run_dir = workdir / "run_sft"
     flags = sft_flags(recipe, data_path, init, teacher_dir)
     say(f"sft: seed {recipe.seed}; command: {shlex.join(train_command(flags, recipe.sft_nproc, run_dir))}")
-    seconds = run_train(flags, recipe.sft_nproc, run_dir, bar)
-    # The snapshot lands in the run dir; publish it into the cache with one rename.
+    teacher_step = recipe.teacher_snapshot_step
+    stop_when = None if teacher_step is None else (run_dir / f"hf_step{teacher_step}").exists
+    seconds = run_train(flags, recipe.sft_nproc, run_dir, bar, stop_when=stop_when)
+    # The snapshots land in the run dir; publish them into the cache with one rename each.
     shutil.rmtree(student_dir, ignore_errors=True)
     os.replace(run_dir / f"hf_step{recipe.student_snapshot_step}", student_dir)
+    if teacher_step is not None:
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        os.replace(run_dir / f"hf_step{teacher_step}", teacher_dir)
     (workdir / "sft_seconds.txt").write_text(f"{seconds:.1f}\n")
     say(f"sft: teacher ({steps} steps) and student (step {recipe.student_snapshot_step}) trained in {seconds:.0f} s")
     return teacher_dir, student_dir, data_path

@@ -46,14 +46,26 @@ def opd_flags(recipe: DemoRecipe, data_path: Path, teacher_dir: Path, student_di
 
 
 def sft_baseline_flags(recipe: DemoRecipe, data_path: Path, student_dir: Path, out_dir: Path) -> dict:
-    """Continued SFT of the student on reference solutions, at the SFT run's final learning rate (a
-    fresh optimizer, so a short warm-up); snapshots every few steps so a wall-time stop keeps one."""
-    lr = float(recipe.sft.get("--min-lr", recipe.sft["--lr"]))
-    steps = 10_000
-    every = max(1, int(recipe.sft["--train-iters"]) // 100)
+    """Continued SFT of the student on reference solutions at about the learning rate the SFT run had
+    at the student's step (constant; a fresh optimizer, so a short warm-up); a snapshot every 5 steps
+    so a wall-time stop keeps one."""
+    lr, steps = sft_lr_at(recipe, recipe.student_snapshot_step), 10_000
     return {**sft_flags(recipe, data_path, student_dir, out_dir), "--train-iters": steps, "--lr": lr,
-            "--min-lr": lr, "--lr-decay-style": "constant", "--lr-warmup-iters": 2, "--log-interval": 25,
-            "--export-hf-at": ",".join(str(s) for s in range(every, steps, every))}
+            "--min-lr": lr, "--lr-decay-style": "constant", "--lr-warmup-iters": 5, "--log-interval": 25,
+            "--export-hf-at": ",".join(str(s) for s in range(5, steps, 5))}
+
+
+def sft_lr_at(recipe: DemoRecipe, step: int) -> float:
+    """The SFT run's learning rate at ``step`` (linear warm-up, then cosine to --min-lr)."""
+    import math
+
+    top, low = float(recipe.sft["--lr"]), float(recipe.sft.get("--min-lr", 0.0))
+    warmup, total = int(recipe.sft.get("--lr-warmup-iters", 0)), int(recipe.sft["--train-iters"])
+    if step < warmup:
+        return top * step / warmup
+    if recipe.sft.get("--lr-decay-style") != "cosine":
+        return top
+    return low + (top - low) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def run_sft_baseline(recipe: DemoRecipe, data_path: Path, student_dir: Path, workdir: Path, seconds: float,
@@ -97,7 +109,7 @@ def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path, *, from_scratch
     from tqdm import tqdm
 
     after_dir = workdir / "student_after_opd"
-    sft_steps, opd_steps = int(recipe.sft["--train-iters"]), int(recipe.opd["--train-iters"])
+    sft_steps, opd_steps = recipe.sft_steps, int(recipe.opd["--train-iters"])
     start = time.time()
     times: dict[str, float] = {}
     with tqdm(total=sft_steps + (0 if models_only else opd_steps), desc="demo", unit="step",
@@ -196,6 +208,7 @@ def save_assets(recipe: DemoRecipe, summary: dict, teacher_dir: Path, student_di
             shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
     record = {"fingerprint": recipe.fingerprint(), "task": recipe.task, "seed": recipe.seed, "command": command,
               "sft_flags": recipe.sft, "sft_nproc": recipe.sft_nproc, "student_snapshot_step": recipe.student_snapshot_step,
+              "teacher_snapshot_step": recipe.teacher_snapshot_step,
               "model": recipe.model.__dict__, "train_problems": recipe.train_problems, "sft_seconds": sft_seconds,
               "measured": summary["measured"]}
     (out / ASSET_RECORD).write_text(json.dumps(record, indent=2) + "\n")
@@ -207,12 +220,13 @@ def assets_readme(record: dict) -> str:
     n = measured["n"]
     lines = [f"# Shipped teacher and student of the `{record['task']}` demo task", "",
              "Both are HF Qwen3 checkpoints (safetensors + the character-level tokenizer) made by this",
-             "project's own SFT (`megatron-opd train --objective sft`): the teacher is the end of one SFT run",
-             f"from random init, the student its step-{record['student_snapshot_step']} snapshot. Remake them with",
+             "project's own SFT (`megatron-opd train --objective sft`) in one run from random init: the teacher is",
+             (f"its step-{record['teacher_snapshot_step']} snapshot" if record.get("teacher_snapshot_step")
+              else "its end") + f", the student its step-{record['student_snapshot_step']} snapshot. Remake them with",
              "", f"    {record['command']}", "",
              f"seed {record['seed']}; SFT flags {json.dumps(record['sft_flags'])} at TP={record['sft_nproc']}; "
              f"model {json.dumps(record['model'])}; {record['train_problems']} training problems.",
-             (f"The SFT run took {record['sft_seconds']:.0f} s on the machine that made them." if record.get("sft_seconds")
+             (f"The SFT run took {record['sft_seconds']:.0f} s to the teacher's step." if record.get("sft_seconds")
               else ""), "",
              f"Measured ({measured['eval_problems']} problems per split, {n} samples each, temperature 1, "
              f"eval seed {measured['eval_seed']}; 95% bootstrap CIs):", "",
@@ -222,6 +236,8 @@ def assets_readme(record: dict) -> str:
             continue
         for name, res in rows.items():
             lines.append(f"| {split} | {name} | {_cell(res, 'pass@1')} | {_cell(res, f'pass@{n}')} |")
+    if record.get("provenance"):
+        lines += ["", record["provenance"]]
     lines += ["", "`recipe.json` holds the same record; the demo uses these checkpoints only while its recipe's",
               "fingerprint equals the recorded one (otherwise it retrains them).", ""]
     return "\n".join(lines)
