@@ -1,7 +1,13 @@
 """A loopback HTTP server speaking SGLang's native API (DESIGN §4), backed by a real tiny model.
 
-Not a product engine: it exists so the SGLang client is tested against real numbers and real
-faults. Generation runs through ``LocalRolloutEngine.sample`` with the request's ``sampling_seed``;
+Not a product engine, and no longer the client's main test: the client runs against real SGLang
+0.5.23 servers (tests/real_sglang). This server is kept for faults a healthy real server cannot be
+made to show (malformed JSON, NaN log-probs, short or mis-addressed answers, injected 5xx), and its
+bodies follow the real server's (measured on 0.5.23): ``/flush_cache`` answers plain text (400 while
+busy), ``/abort_request`` an empty 200, validation errors ``{"error": {"message": ...}}``, unknown
+routes FastAPI's ``{"detail": "Not Found"}``, ``/get_server_info`` says whether
+``enable_deterministic_inference`` is on (on by default here, so that ``sampling_seed`` is sent).
+Generation runs through ``LocalRolloutEngine.sample`` with the request's ``sampling_seed``;
 concurrent requests with equal sampling settings are batched (a few ms window, like continuous
 batching) — results do not depend on batching because every row draws its own noise.
 Scoring (``logprob_start_len`` >= 0) runs a plain forward. Faults are injected on demand with
@@ -26,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megatron_opd.rollout.local import LocalRolloutEngine  # noqa: E402
+from megatron_opd.rollout.sglang_protocol import server_seed  # noqa: E402
 from megatron_opd.rollout.types import SamplingParams  # noqa: E402
 from megatron_opd.teacher.local import LocalTeacher  # noqa: E402
 
@@ -34,7 +41,11 @@ FAULTS = ("die", "http_500", "http_503", "delay", "malformed_json", "wrong_lengt
 
 
 class BadRequest(ValueError):
-    """Answered with HTTP 400 {"object": "error", "message": ...}."""
+    """Answered with HTTP 400 {"error": {"message": ...}} (SGLang 0.5.23's request-validation shape)."""
+
+
+FLUSH_TEXT = ("Cache flushed.\nPlease check backend logs for more details. (When there are running or waiting "
+              "requests, the operation will not be performed.)\n")
 
 
 def _params_from(sp: dict, vocab_size: int) -> SamplingParams:
@@ -69,16 +80,25 @@ def _split_batch(body: dict) -> tuple[list[dict], bool]:
     return items, batched
 
 
+class Int32SeedLocalEngine(LocalRolloutEngine):
+    """The in-process engine drawing with the int32-safe seeds the SGLang client sends: the
+    reference the contract server's samples must equal."""
+
+    def _take_seeds(self, num_prompts, params):
+        return [[server_seed(s) for s in row] for row in super()._take_seeds(num_prompts, params)]
+
+
 class ContractServer:
     """The server object: model, batcher, fault plan, counters. ``url`` once started."""
 
     def __init__(self, model, *, vocab_size: int | None = None, batch_window_s: float = 0.004,
-                 max_batch: int = 256, name: str = "worker") -> None:
+                 max_batch: int = 256, name: str = "worker", deterministic: bool = True) -> None:
         self.engine = LocalRolloutEngine(model, vocab_size=vocab_size)
         self.teacher = LocalTeacher(self.engine.model, vocab_size=self.engine.vocab_size)
         self.vocab_size, self.name = self.engine.vocab_size, name
         self.batch_window_s, self.max_batch = batch_window_s, max_batch
         self.weight_version = "initial"
+        self.deterministic = deterministic  # reported as enable_deterministic_inference
         self.lock = threading.Lock()  # one model computation at a time (2 shared cores)
         self.faults: Counter = Counter()
         self.fault_args: dict = {}
@@ -264,10 +284,10 @@ def _make_handler(server: ContractServer):
         def log_message(self, *args) -> None:  # quiet
             return None
 
-        def _send(self, status: int, body, raw: bytes | None = None) -> None:
+        def _send(self, status: int, body, raw: bytes | None = None, content_type: str = "application/json") -> None:
             data = raw if raw is not None else json.dumps(body).encode()
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
@@ -294,10 +314,11 @@ def _make_handler(server: ContractServer):
                     "is_generation": True}
             routes = {"/health": {}, "/health_generate": {}, "/get_model_info": info, "/model_info": info,
                       "/get_weight_version": {"weight_version": server.weight_version},
-                      "/get_server_info": {"tp_size": 1, "version": "contract", "weight_version": server.weight_version}}
+                      "/get_server_info": {"tp_size": 1, "version": "contract", "weight_version": server.weight_version,
+                                           "enable_deterministic_inference": server.deterministic}}
             if self.path in routes:
                 return self._send(200, routes[self.path])
-            self._send(404, {"object": "error", "message": f"no route {self.path}"})
+            self._send(404, {"detail": "Not Found"})
 
         def do_POST(self) -> None:
             if server.dead:
@@ -311,7 +332,7 @@ def _make_handler(server: ContractServer):
                     return self._send(200, {"success": True, "message": "recorded by the contract server"})
                 handler(body)
             except BadRequest as err:
-                self._send(400, {"object": "error", "message": str(err)})
+                self._send(400, {"error": {"message": str(err)}})
             except Exception as err:  # noqa: BLE001 - a server bug must answer, not hang the client
                 self._send(500, {"object": "error", "message": f"{type(err).__name__}: {err}"})
 
@@ -340,15 +361,14 @@ def _make_handler(server: ContractServer):
 
         def _flush(self, body: dict) -> None:
             server.calls.append(("/flush_cache", body))
-            if server.take_fault("flush_busy"):
-                return self._send(400, {"object": "error", "message": "Cache not flushed: requests are running"})
-            self._send(200, {"success": True})
+            busy = server.take_fault("flush_busy")
+            self._send(400 if busy else 200, None, raw=FLUSH_TEXT.encode(), content_type="text/plain; charset=utf-8")
 
         def _abort(self, body: dict) -> None:
             server.calls.append(("/abort_request", body))
             if body.get("rid"):
                 server.aborted.add(str(body["rid"]))
-            self._send(200, {"success": True})
+            self._send(200, None, raw=b"", content_type="text/plain")
 
         def _update(self, body: dict) -> None:
             result = server.update_from_disk(body)
@@ -404,8 +424,14 @@ def _make_router_handler(router: ContractRouter):
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:
-            self._send(200, b"{}")
+        def do_GET(self) -> None:  # like sglang_router: info GETs are answered by a live worker
+            for worker in router.order():
+                try:
+                    response = httpx.get(worker + self.path, timeout=10.0)
+                except httpx.TransportError:
+                    continue
+                return self._send(response.status_code, response.content)
+            self._send(503, json.dumps({"error": {"message": "no worker available"}}).encode())
 
         def do_POST(self) -> None:
             data = self.rfile.read(int(self.headers.get("Content-Length", 0)))

@@ -6,8 +6,10 @@ Runs the same checks the test suite runs against its loopback contract server: h
 info, generation answers (ids, finish reasons, finite log-probs, meta_info.id = rid), greedy
 determinism, max_new_tokens / stop_token_ids, batch answers in request order, teacher scoring with
 ``max_new_tokens: 0``, ``logprob_start_len: P-1`` and the [1:] alignment, top-K lists, error bodies,
-``/flush_cache`` and ``/abort_request``, seeded sampling reproducibility, and optionally
-``/update_weights_from_disk`` with a weight-version check. Exit code 1 if any check FAILs.
+``/flush_cache`` (plain text) and ``/abort_request`` (empty body), seeded sampling reproducibility
+(only on a server with ``--enable-deterministic-inference``: SGLang ignores ``sampling_seed``
+otherwise, and the client then does not send it), and optionally ``/update_weights_from_disk`` with
+a weight-version check on the answers. Exit code 1 if any check FAILs.
 Needs only token ids (no tokenizer); the GPU machine's SGLang version should equal
 ``megatron_opd.versions.SGLANG``.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megatron_opd.rollout.sglang_http import error_message  # noqa: E402
 from megatron_opd.rollout.sglang_protocol import generate_payload, parse_generate_answer  # noqa: E402
 from megatron_opd.rollout.types import SamplingParams  # noqa: E402
 from megatron_opd.teacher.sglang import parse_score_answer, score_payload  # noqa: E402
@@ -49,16 +52,21 @@ class Checker:
     def post(self, path: str, body: dict):
         response = self.http.post(self.url + path, json=body)
         if response.status_code != 200:
-            raise RuntimeError(f"{path}: HTTP {response.status_code}: {response.text[:200]}")
+            raise RuntimeError(f"{path} on {self.url}: HTTP {response.status_code}: {error_message(response)}")
         return response.json()
 
-    def generate(self, params: SamplingParams, seed: int = 0, prompt: list[int] | None = None):
+    def server_info(self) -> dict:
+        response = self.http.get(self.url + "/get_server_info")
+        return response.json() if response.status_code == 200 else {}
+
+    def generate(self, params: SamplingParams, seed: int | None = None, prompt: list[int] | None = None,
+                 weight_version: str | None = None):
         self.rid += 1
         rid = f"check-sglang-{self.rid}"
         prompt = prompt or self.prompt
         body = self.post("/generate", generate_payload(prompt, params, seed, rid))
         return parse_generate_answer(body, rid=rid, prompt=prompt, params=params, top_n=0, vocab_size=None,
-                                     prompt_index=0, sample_index=0, seed=seed)
+                                     prompt_index=0, sample_index=0, seed=seed, weight_version=weight_version)
 
     def score(self, prompt: list[int], response: list[int], top_k: int):
         self.rid += 1
@@ -86,9 +94,12 @@ def check_greedy(c: Checker) -> str:
 
 
 def check_stop(c: Checker) -> str:
-    free = c.generate(SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True))
-    stop = free.response_ids[5]
-    cut = c.generate(SamplingParams(temperature=0.0, max_new_tokens=12, ignore_eos=True, stop_token_ids=(stop,)))
+    # Without ignore_eos: SGLang skips every token-based stop, stop_token_ids included, when
+    # ignore_eos is set (0.5.23 ``Req._check_token_based_finish``), so the two cannot be combined.
+    free = c.generate(SamplingParams(temperature=0.0, max_new_tokens=12))
+    assert free.response_ids, "the greedy answer is empty: no id to stop on"
+    stop = free.response_ids[min(5, len(free.response_ids) - 1)]
+    cut = c.generate(SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(stop,)))
     want = free.response_ids[: free.response_ids.index(stop) + 1]
     assert cut.response_ids == want, f"stop id {stop}: got {cut.response_ids}, want {want} (stop id kept)"
     assert cut.finish_reason == "stop", cut.meta["finish_reason_raw"]
@@ -120,23 +131,36 @@ def check_error_body(c: Checker) -> str:
     r = c.http.post(c.url + "/generate", json={"input_ids": c.prompt, "sampling_params": {"top_k": 0}})
     assert r.status_code == 400, f"top_k=0 answered HTTP {r.status_code} (expected 400)"
     body = r.json()
-    assert body.get("object") == "error" and body.get("message"), body
-    return f"400: {body['message'][:60]}"
+    # 0.5.23: request validation answers {"error": {"message": ...}}; the client reads every shape
+    assert isinstance(body.get("error"), dict) and body["error"].get("message"), body
+    message = error_message(r)
+    assert "top_k" in message, f"the client's error text {message!r} does not name the field"
+    return f"400: {message[:60]}"
 
 
 def check_seeded_sampling(c: Checker) -> str:
     params = SamplingParams(temperature=1.0, max_new_tokens=16, ignore_eos=True)
+    if not c.server_info().get("enable_deterministic_inference"):
+        # SGLang honours sampling_seed only in deterministic mode; the client then sends none.
+        a, b = c.generate(params), c.generate(params)
+        assert a.response_ids and b.response_ids, "a sampled answer is empty"
+        return ("not deterministic (no --enable-deterministic-inference): the client sends no sampling_seed; "
+                "samples are not reproducible per request")
     a, b = c.generate(params, seed=1234), c.generate(params, seed=1234)
-    if a.response_ids != b.response_ids:
-        return "WARN: same sampling_seed gave different samples (try --enable-deterministic-inference)"
-    return "same sampling_seed, same sample"
+    big = c.generate(params, seed=2**62 + 1234)  # the client masks seeds to int32: this must still work
+    assert a.response_ids == b.response_ids, "same sampling_seed gave different samples in deterministic mode"
+    assert big.response_ids, "a large seed gave an empty answer"
+    return "deterministic: same sampling_seed, same sample"
 
 
 def check_control(c: Checker) -> str:
-    c.post("/abort_request", {"rid": "check-sglang-nonexistent"})
-    r = c.http.post(c.url + "/flush_cache", json={})
-    assert r.status_code in (200, 400), f"/flush_cache answered {r.status_code}"
-    return f"/abort_request 200, /flush_cache {r.status_code}"
+    abort = c.http.post(c.url + "/abort_request", json={"rid": "check-sglang-nonexistent"})
+    assert abort.status_code == 200, f"/abort_request answered HTTP {abort.status_code}: {error_message(abort)}"
+    flush = c.http.post(c.url + "/flush_cache", json={})
+    # plain text, not JSON; 400 only while requests run
+    assert flush.status_code in (200, 400), f"/flush_cache answered {flush.status_code}"
+    return (f"/abort_request 200 ({len(abort.content)} B body), /flush_cache {flush.status_code}: "
+            f"{flush.text.strip()[:24]!r}")
 
 
 def check_weights(c: Checker, weights_dir: str) -> str:
@@ -148,7 +172,9 @@ def check_weights(c: Checker, weights_dir: str) -> str:
         r = c.http.get(c.url + path)
         if r.status_code == 200 and r.json().get("weight_version") is not None:
             assert r.json()["weight_version"] == version, f"{path} reports {r.json()['weight_version']}"
-            return f"loaded {weights_dir}, {path} reports {version}"
+            # every generate answer names the weights that made it: the client rejects stale ones
+            c.generate(SamplingParams(temperature=0.0, max_new_tokens=2), weight_version=version)
+            return f"loaded {weights_dir}, {path} and meta_info.weight_version report {version}"
     return "WARN: loaded, but no endpoint reports weight_version"
 
 

@@ -1,10 +1,13 @@
 """SGLang rollout engine: async HTTP client for one server, several workers, or a router.
 
-Every sample is one ``/generate`` request with its own ``rid`` and ``sampling_seed``
-(``derive_sample_seed``), so retries and failover reproduce the same sample and each result fills
-exactly one (prompt, sample) slot. Weight sync writes HF safetensors to a shared directory (or
-takes one) and calls ``/update_weights_from_disk`` on every worker, then checks that the worker
-reports the new weight version (and optionally a log-prob probe), then ``/flush_cache``.
+Every sample is one ``/generate`` request with its own ``rid``, so each result fills exactly one
+(prompt, sample) slot. The sample's seed (``derive_sample_seed``) is sent as ``sampling_seed`` only
+when every server runs with ``--enable-deterministic-inference`` (``/get_server_info``): SGLang
+ignores it otherwise, and then retries and failover draw a fresh sample. Weight sync writes HF
+safetensors to a shared directory (or takes one) and calls ``/update_weights_from_disk`` on every
+worker, then checks that the worker reports the new weight version (and optionally a log-prob
+probe), then ``/flush_cache``. After a sync every generate answer must carry that weight version
+(``meta_info.weight_version``): a stale answer is rejected and retried on another worker.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from megatron_opd.rollout.sglang_http import (
     SGLangError,
     WorkerPool,
     run_sync,
+    split_urls,
 )
 from megatron_opd.rollout.sglang_protocol import generate_payload, parse_generate_answer
 from megatron_opd.rollout.sglang_weights import WeightSyncClient
@@ -32,7 +36,8 @@ from megatron_opd.rollout.types import Sample, SamplingParams
 class SGLangRolloutEngine(RolloutEngine):
     """Rollouts from SGLang (native API).
 
-    url: one server, a router, or a list of workers (failover in order of health).
+    url: one server, a router, or a list of workers (a list or one comma-separated string; failover
+        in order of health).
     worker_urls: the workers behind a router (weight sync and health go to each worker directly).
     vocab_size: when given, answers with ids outside [0, vocab_size) are rejected.
     nucleus_top_n: output top log-probs requested to renormalise over the nucleus
@@ -47,7 +52,7 @@ class SGLangRolloutEngine(RolloutEngine):
                  nucleus_top_n: int = 64, on_abort: str = "retry", weight_sync_dir: str | None = None,
                  hf_config=None, rid_prefix: str | None = None) -> None:
         super().__init__(seed)
-        urls = [url] if isinstance(url, str) else list(url)
+        urls = split_urls(url)
         self.policy = RetryPolicy(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
                                   max_retries=max_retries, backoff_s=backoff_s)
         self.runner = RequestRunner(WorkerPool(urls), self.policy, max_concurrency)
@@ -56,8 +61,12 @@ class SGLangRolloutEngine(RolloutEngine):
             raise ValueError(f"SGLangRolloutEngine: on_abort must be 'retry' or 'return', got {on_abort!r}")
         self.on_abort = on_abort
         self.rid_prefix = rid_prefix or f"opd-{uuid.uuid4().hex[:8]}"
-        self.weights = WeightSyncClient(list(worker_urls) or urls, self.policy, weight_sync_dir, hf_config)
+        self.weights = WeightSyncClient(split_urls(worker_urls) if worker_urls else urls, self.policy,
+                                        weight_sync_dir, hf_config)
         self._batches = itertools.count()
+        self.expected_weight_version: str | None = None
+        """Set by ``update_weights``: answers from other weights are stale (None: not checked yet)."""
+        self._seeds_take_effect: bool | None = None
 
     @property
     def urls(self) -> list[str]:
@@ -68,7 +77,9 @@ class SGLangRolloutEngine(RolloutEngine):
         first_prompt = self.prompt_counter
         seeds = self._take_seeds(len(prompts), params)
         batch = next(self._batches)
-        jobs = [self._job(prompts[i], params, seeds[i][j], i, j, f"{self.rid_prefix}-b{batch}-p{first_prompt + i}-s{j}")
+        send_seeds = self.seeds_take_effect()
+        jobs = [self._job(prompts[i], params, seeds[i][j], i, j, f"{self.rid_prefix}-b{batch}-p{first_prompt + i}-s{j}",
+                          send_seeds)
                 for i in range(len(prompts)) for j in range(params.n)]  # prompt-major
         samples = run_sync(self.runner.run_all(jobs))
         _check_slots(samples, len(prompts), params.n)
@@ -80,16 +91,27 @@ class SGLangRolloutEngine(RolloutEngine):
             return 0
         return min(self.nucleus_top_n, self.vocab_size or self.nucleus_top_n)
 
-    def _job(self, prompt: list[int], params: SamplingParams, seed: int, i: int, j: int, rid_base: str):
+    def seeds_take_effect(self) -> bool:
+        """Whether every generate URL runs with ``--enable-deterministic-inference`` (asked once, from
+        ``/get_server_info``; a URL that does not tell, e.g. a router, counts as not deterministic)."""
+        if self._seeds_take_effect is None:
+            infos = run_sync(self.weights.server_infos(self.urls))
+            self._seeds_take_effect = all(bool((info or {}).get("enable_deterministic_inference"))
+                                          for info in infos.values())
+        return self._seeds_take_effect
+
+    def _job(self, prompt: list[int], params: SamplingParams, seed: int, i: int, j: int, rid_base: str,
+             send_seed: bool = True):
         top_n = self._top_n(params)
 
         def make(attempt: int) -> tuple[str, dict]:
             rid = f"{rid_base}-a{attempt}"  # a fresh rid per attempt: a timed-out one may still run
-            return rid, generate_payload(prompt, params, seed, rid, top_n)
+            return rid, generate_payload(prompt, params, seed if send_seed else None, rid, top_n)
 
         def check(body, rid: str, server: str) -> Sample:
             sample = parse_generate_answer(body, rid=rid, prompt=prompt, params=params, top_n=top_n,
-                                           vocab_size=self.vocab_size, prompt_index=i, sample_index=j, seed=seed)
+                                           vocab_size=self.vocab_size, prompt_index=i, sample_index=j, seed=seed,
+                                           weight_version=self.expected_weight_version)
             if sample.finish_reason == "abort" and self.on_abort == "retry":
                 raise RetryableError(f"request aborted by the server: {sample.meta['finish_reason_raw']}")
             sample.meta["server"] = server
@@ -108,7 +130,9 @@ class SGLangRolloutEngine(RolloutEngine):
         probe: (prompt_ids, response_ids, expected_logprobs); each worker's teacher-style log-probs
         of the response must match within 1e-3 (catches a load that "succeeded" on stale weights).
         """
-        return self.weights.update_from_disk(source, weight_version=weight_version, probe=probe)
+        version = self.weights.update_from_disk(source, weight_version=weight_version, probe=probe)
+        self.expected_weight_version = version
+        return version
 
     def flush_cache(self) -> None:
         run_sync(self.weights.flush_all())

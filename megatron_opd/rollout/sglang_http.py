@@ -57,6 +57,19 @@ def _capture(coro: Awaitable) -> dict:
         return {"error": err}
 
 
+def split_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Server URLs from one string, a comma-separated list (``--rollout-url http://a,http://b``) or a
+    list of either; raises ValueError naming the value when none is left."""
+    items = [urls] if isinstance(urls, str) else list(urls)
+    out = [u.strip().rstrip("/") for item in items for u in str(item).split(",") if u.strip()]
+    if not out:
+        raise ValueError(f"SGLang client: no server URL in {urls!r}")
+    bad = [u for u in out if not u.startswith(("http://", "https://"))]
+    if bad:
+        raise ValueError(f"SGLang client: {bad[0]!r} (from {urls!r}) is not an http(s) URL")
+    return out
+
+
 @dataclass
 class WorkerPool:
     """Round-robin over worker (or router) URLs; a failing worker sits out ``cooldown_s`` seconds."""
@@ -69,7 +82,7 @@ class WorkerPool:
     def __post_init__(self) -> None:
         if not self.urls:
             raise ValueError("SGLang client: give at least one server URL")
-        self.urls = [u.rstrip("/") for u in self.urls]
+        self.urls = split_urls(self.urls)
 
     def pick(self, avoid: str | None = None) -> str:
         """The next worker that is not cooling down (and not ``avoid`` when another exists)."""
@@ -103,22 +116,32 @@ class RetryPolicy:
 def decode_json(response: httpx.Response, server: str, rid: str):
     """JSON body of a 200 answer; malformed bodies and non-200 statuses raise Retryable/FatalError."""
     if response.status_code >= 500 or response.status_code == 429:
-        raise RetryableError(f"HTTP {response.status_code} from {server} for rid {rid}: {response.text[:200]}")
+        raise RetryableError(f"HTTP {response.status_code} from {server} for rid {rid}: {error_message(response)}")
     if response.status_code != 200:
-        raise FatalError(f"HTTP {response.status_code} from {server} for rid {rid}: {_error_message(response)}")
+        raise FatalError(f"HTTP {response.status_code} from {server} for rid {rid}: {error_message(response)}")
     try:
         return response.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RetryableError(f"malformed JSON from {server} for rid {rid}: {err}; body {response.text[:120]!r}") from err
 
 
-def _error_message(response: httpx.Response) -> str:
-    """SGLang's error body {"object": "error", "message": ...}, or the raw text."""
+def error_message(response: httpx.Response) -> str:
+    """The message of an SGLang error answer, whatever its shape (measured on 0.5.23): request
+    validation answers {"error": {"message": ...}}, HTTPException paths {"object": "error",
+    "message": ...}, FastAPI's own errors {"detail": ...}, weight calls {"success": false, "message": ...},
+    and some endpoints plain text."""
     try:
         body = response.json()
-        return str(body.get("message", body)) if isinstance(body, dict) else str(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:200]
+        return response.text[:300] or "(empty body)"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and "message" in error:
+            return str(error["message"])
+        for key in ("message", "detail", "error"):
+            if body.get(key) is not None:
+                return str(body[key])
+    return str(body)[:300]
 
 
 def check_logprob(value, what: str) -> float:
@@ -198,10 +221,15 @@ class RequestRunner:
             self.pool.mark_down(server)
             raise RetryableError(f"{type(err).__name__} from {server} for rid {rid}: {err}") from err
         self.in_flight.pop(rid, None)
-        body = decode_json(response, server, rid)
+        try:
+            body = decode_json(response, server, rid)
+        except RetryableError:
+            self.pool.mark_down(server)  # a 5xx or malformed body: let the other workers take the load
+            raise
         try:
             return check(body, rid, server)
         except RetryableError as err:
+            self.pool.mark_down(server)  # a bad answer (e.g. stale weights) is not sent there again soon
             raise RetryableError(f"invalid answer from {server} for rid {rid}: {err}") from err
 
     async def _abort(self, client: httpx.AsyncClient, server: str, rid: str) -> None:

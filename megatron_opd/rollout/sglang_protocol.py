@@ -12,31 +12,51 @@ from megatron_opd.rollout.sglang_http import RetryableError, check_logprob
 from megatron_opd.rollout.types import Sample, SamplingParams
 
 SUPPRESS_BIAS = -1e9
+SEED_MASK = 2**31 - 1
+"""``sampling_seed`` is sent as ``seed & SEED_MASK``: SGLang stores it as int32 (0.5.6 crashed the
+scheduler on a larger seed), and ``derive_sample_seed`` gives 63-bit seeds."""
 
 
-def sampling_params_payload(params: SamplingParams, seed: int) -> dict:
-    """The ``sampling_params`` object of one request (one sample)."""
+def server_seed(seed: int) -> int:
+    """The int32-safe ``sampling_seed`` sent for a sample seed (still a pure function of it)."""
+    return int(seed) & SEED_MASK
+
+
+def sampling_params_payload(params: SamplingParams, seed: int | None) -> dict:
+    """The ``sampling_params`` object of one request (one sample).
+
+    ``seed`` None leaves ``sampling_seed`` out: SGLang honours it only with
+    ``--enable-deterministic-inference``, so it is sent only to servers that run with it."""
+    if params.ignore_eos and params.stop_token_ids:
+        # SGLang skips every token-based stop when ignore_eos is set (0.5.23
+        # Req._check_token_based_finish), so these stop ids would silently never stop a sample.
+        raise ValueError(f"SamplingParams: SGLang ignores stop_token_ids {list(params.stop_token_ids)} when "
+                         "ignore_eos is set; leave one of them out")
     payload = {
         "temperature": float(params.temperature), "top_p": float(params.top_p),
         "top_k": params.effective_top_k or -1,  # SGLang rejects 0; -1 = whole vocab
         "min_p": 0.0, "max_new_tokens": int(params.max_new_tokens), "stop": [],
         "stop_token_ids": list(params.stop_token_ids), "skip_special_tokens": False, "no_stop_trim": True,
-        "ignore_eos": bool(params.ignore_eos), "sampling_seed": int(seed),
+        "ignore_eos": bool(params.ignore_eos),
     }
+    if seed is not None:
+        payload["sampling_seed"] = server_seed(seed)
     if params.suppress_token_ids:
         payload["logit_bias"] = {str(t): SUPPRESS_BIAS for t in params.suppress_token_ids}
     return payload
 
 
-def generate_payload(prompt: list[int], params: SamplingParams, seed: int, rid: str, top_n: int = 0) -> dict:
+def generate_payload(prompt: list[int], params: SamplingParams, seed: int | None, rid: str, top_n: int = 0) -> dict:
     """Full ``/generate`` body for one sample; ``top_n`` > 0 asks for output top log-probs (nucleus mass)."""
     return {"input_ids": list(prompt), "sampling_params": sampling_params_payload(params, seed),
             "return_logprob": True, "logprob_start_len": -1, "top_logprobs_num": int(top_n),
             "return_text_in_logprobs": False, "rid": rid}
 
 
-def single_answer(body, rid: str) -> dict:
-    """The answer dict of a single request (a batch answer of one is unwrapped); checks meta_info.id."""
+def single_answer(body, rid: str, weight_version: str | None = None) -> dict:
+    """The answer dict of a single request (a batch answer of one is unwrapped); checks meta_info.id
+    and, when ``weight_version`` is given, that the answer came from those weights (a worker that
+    missed a sync, or was restarted on old weights, answers with another ``meta_info.weight_version``)."""
     if isinstance(body, list) and len(body) == 1:
         body = body[0]
     if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
@@ -44,6 +64,9 @@ def single_answer(body, rid: str) -> dict:
     got = body["meta_info"].get("id")
     if got != rid:
         raise RetryableError(f"meta_info.id is {got!r}, expected the request's rid {rid!r}")
+    if weight_version is not None and str(body["meta_info"].get("weight_version")) != weight_version:
+        raise RetryableError(f"stale answer: meta_info.weight_version is {body['meta_info'].get('weight_version')!r}, "
+                             f"expected {weight_version!r} (the last weight sync)")
     return body
 
 
@@ -113,9 +136,10 @@ def renormalized(logprobs: list[float], top_rows: list[list[float]], params: Sam
 
 
 def parse_generate_answer(body, *, rid: str, prompt: list[int], params: SamplingParams, top_n: int,
-                          vocab_size: int | None, prompt_index: int, sample_index: int, seed: int) -> Sample:
+                          vocab_size: int | None, prompt_index: int, sample_index: int, seed: int,
+                          weight_version: str | None = None) -> Sample:
     """A validated ``Sample`` from one ``/generate`` answer; RetryableError names what is wrong."""
-    body = single_answer(body, rid)
+    body = single_answer(body, rid, weight_version)
     meta = body["meta_info"]
     output_ids = parse_token_ids(body.get("output_ids"), "output_ids", vocab_size)
     if len(output_ids) > params.max_new_tokens:
@@ -132,4 +156,5 @@ def parse_generate_answer(body, *, rid: str, prompt: list[int], params: Sampling
         logprobs = renormalized(logprobs, top_rows, params, rid)
     return Sample(prompt_ids=list(prompt), response_ids=output_ids, logprobs=logprobs, finish_reason=reason,
                   prompt_index=prompt_index, sample_index=sample_index,
-                  meta={"seed": seed, "rid": rid, "finish_reason_raw": raw})
+                  meta={"seed": seed, "rid": rid, "finish_reason_raw": raw,
+                        "weight_version": meta.get("weight_version")})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import shutil
 import threading
 import time
 import uuid
@@ -22,9 +23,12 @@ from pathlib import Path
 import httpx
 import torch
 
-from megatron_opd.rollout.sglang_http import RetryPolicy, SGLangError, run_sync
+from megatron_opd.rollout.sglang_http import RetryPolicy, SGLangError, error_message, run_sync
 
 VERSION_ENDPOINTS = ("/model_info", "/get_weight_version", "/get_model_info")
+KEEP_SYNC_DIRS = 2
+"""Exports kept in ``weight_sync_dir``: the one the workers now serve and the one before (a worker
+still loading it, or a rollback); older ones are deleted (one export per rollout would fill the disk)."""
 
 
 def write_hf_safetensors(state_dict: dict[str, torch.Tensor], directory: str | Path, hf_config=None) -> Path:
@@ -45,24 +49,32 @@ class WeightSyncClient:
     """Weight and cache calls sent to each worker directly."""
 
     def __init__(self, urls: list[str], policy: RetryPolicy, weight_sync_dir: str | None = None,
-                 hf_config=None, probe_atol: float = 1e-3) -> None:
+                 hf_config=None, probe_atol: float = 1e-3, keep_sync_dirs: int = KEEP_SYNC_DIRS) -> None:
         self.urls = [u.rstrip("/") for u in urls]
         self.policy, self.weight_sync_dir, self.hf_config = policy, weight_sync_dir, hf_config
         self.probe_atol = probe_atol
+        if keep_sync_dirs < 1:
+            raise ValueError(f"keep_sync_dirs must be >= 1 (the served export), got {keep_sync_dirs}")
+        self.keep_sync_dirs = keep_sync_dirs
+        self._exports: list[Path] = []  # the exports this client wrote, oldest first
         self._versions = itertools.count(1)
 
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(timeout=httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s))
 
-    async def _post(self, client, url: str, path: str, payload: dict, busy_retry: bool = False) -> dict:
-        """POST with retries on 5xx/transport errors (and on 400 when ``busy_retry``); returns the JSON body."""
+    async def _post(self, client, url: str, path: str, payload: dict, busy_retry: bool = False,
+                    text_body: bool = False) -> dict | str:
+        """POST with retries on 5xx/transport errors (and on 400 when ``busy_retry``); returns the JSON
+        body, or the text body with ``text_body`` (``/flush_cache`` answers plain text)."""
         last = ""
         for attempt in range(self.policy.max_retries + 1):
             try:
                 response = await client.post(url + path, json=payload)
+                if response.status_code == 200 and text_body:
+                    return response.text
                 if response.status_code == 200 or (response.status_code == 400 and not busy_retry):
                     return _json_or_error(response, url, path)
-                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                last = f"HTTP {response.status_code}: {error_message(response)}"
             except httpx.TransportError as err:
                 last = f"{type(err).__name__}: {err}"
             await asyncio.sleep(self.policy.backoff(attempt))
@@ -79,12 +91,25 @@ class WeightSyncClient:
             return False
 
     async def flush(self, client, url: str) -> None:
-        """/flush_cache answers 400 while requests run: retried with backoff."""
-        await self._post(client, url, "/flush_cache", {}, busy_retry=True)
+        """/flush_cache answers plain text, HTTP 400 while requests run: retried with backoff."""
+        await self._post(client, url, "/flush_cache", {}, busy_retry=True, text_body=True)
 
     async def flush_all(self) -> None:
         async with self._client() as client:
             await asyncio.gather(*(self.flush(client, u) for u in self.urls))
+
+    async def server_infos(self, urls: list[str]) -> dict[str, dict | None]:
+        """``/get_server_info`` of each URL (None where it does not answer a JSON object)."""
+        async def one(client, url: str):
+            try:
+                response = await client.get(url.rstrip("/") + "/get_server_info", timeout=30.0)
+                body = response.json() if response.status_code == 200 else None
+            except (httpx.HTTPError, ValueError):
+                return None
+            return body if isinstance(body, dict) else None
+
+        async with self._client() as client:
+            return dict(zip(urls, await asyncio.gather(*(one(client, u) for u in urls))))
 
     async def weight_version(self, client, url: str) -> str | None:
         """The worker's reported weight version, from the first endpoint that answers."""
@@ -117,12 +142,21 @@ class WeightSyncClient:
         if self.weight_sync_dir is None:
             raise ValueError("SGLang weight sync from an in-memory state dict needs weight_sync_dir "
                              "(rollout.weight_sync_dir), a path every worker can read")
-        return str(write_hf_safetensors(source, Path(self.weight_sync_dir) / version, self.hf_config))
+        export = write_hf_safetensors(source, Path(self.weight_sync_dir) / version, self.hf_config)
+        self._exports = [p for p in self._exports if p != export] + [export]
+        return str(export)
+
+    def prune_exports(self) -> None:
+        """Deletes this client's exports but the newest ``keep_sync_dirs`` (after a successful sync:
+        no worker reads the older ones any more). Directories it did not write are never touched."""
+        while len(self._exports) > self.keep_sync_dirs:
+            shutil.rmtree(self._exports.pop(0), ignore_errors=True)
 
     def update_from_disk(self, source, *, weight_version: str | None = None, probe=None) -> str:
         version = weight_version or f"v{next(self._versions)}"
         path = self.resolve_source(source, version)
         run_sync(self._update_all(path, version, probe))
+        self.prune_exports()
         return version
 
     async def _update_all(self, path: str, version: str, probe) -> None:
@@ -307,11 +341,9 @@ def _tcp_url(host: str, port: int) -> str:
 
 
 def _json_or_error(response: httpx.Response, url: str, path: str) -> dict:
+    if response.status_code != 200:  # error bodies come in several shapes, some not JSON
+        raise SGLangError(f"{path} on {url}: HTTP {response.status_code}: {error_message(response)}", url)
     try:
-        body = response.json()
+        return response.json()
     except ValueError as err:
         raise SGLangError(f"{path} on {url}: malformed JSON {response.text[:120]!r}", url) from err
-    if response.status_code != 200:
-        message = body.get("message", body) if isinstance(body, dict) else body
-        raise SGLangError(f"{path} on {url}: HTTP {response.status_code}: {message}", url)
-    return body

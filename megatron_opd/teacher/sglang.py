@@ -14,7 +14,14 @@ import uuid
 
 import torch
 
-from megatron_opd.rollout.sglang_http import RequestRunner, RetryableError, RetryPolicy, WorkerPool, run_sync
+from megatron_opd.rollout.sglang_http import (
+    RequestRunner,
+    RetryableError,
+    RetryPolicy,
+    WorkerPool,
+    run_sync,
+    split_urls,
+)
 from megatron_opd.rollout.sglang_protocol import parse_logprob_triples, parse_top_logprobs, single_answer
 from megatron_opd.rollout.sglang_weights import WeightSyncClient
 from megatron_opd.teacher.base import TeacherEngine
@@ -75,11 +82,11 @@ class SGLangTeacher(TeacherEngine):
         if temperature != 1.0:
             raise ValueError(f"SGLangTeacher: temperature must be 1.0 (got {temperature}); prompt log-prob "
                              "temperature scaling differs between SGLang versions; use LocalTeacher")
-        urls = [url] if isinstance(url, str) else list(url)
+        urls = split_urls(url)  # a list, or one comma-separated string
         self.policy = RetryPolicy(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
                                   max_retries=max_retries, backoff_s=backoff_s)
         self.runner = RequestRunner(WorkerPool(urls), self.policy, max_concurrency)
-        self.weights = WeightSyncClient(list(worker_urls) or urls, self.policy)
+        self.weights = WeightSyncClient(split_urls(worker_urls) if worker_urls else urls, self.policy)
         self.temperature, self.vocab_size = 1.0, vocab_size
         self.rid_prefix = rid_prefix or f"opd-teacher-{uuid.uuid4().hex[:8]}"
         self._batches = itertools.count()

@@ -8,10 +8,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contract_server import ContractRouter, single_thread_torch, start_contract_server  # noqa: E402
+from contract_server import (  # noqa: E402
+    ContractRouter,
+    Int32SeedLocalEngine,
+    single_thread_torch,
+    start_contract_server,
+)
 from sglang_contract.tiny import reference_logprobs, tiny_qwen3  # noqa: E402
 
-from megatron_opd.rollout import LocalRolloutEngine, SamplingParams  # noqa: E402
+from megatron_opd.rollout import SamplingParams  # noqa: E402
 from megatron_opd.rollout.sglang_client import SGLangRolloutEngine  # noqa: E402
 from megatron_opd.teacher import LocalTeacher  # noqa: E402
 from megatron_opd.teacher.sglang import SGLangTeacher  # noqa: E402
@@ -62,7 +67,7 @@ def assert_same_samples(got, want):
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_client_matches_local_engine(model, server, setting):
     params = SETTINGS[setting]
-    want = LocalRolloutEngine(model, vocab_size=VOCAB, seed=7).generate(PROMPTS, params)
+    want = Int32SeedLocalEngine(model, vocab_size=VOCAB, seed=7).generate(PROMPTS, params)
     got = client(server.url, seed=7).generate(PROMPTS, params)
     assert_same_samples(got, want)
     assert any(s.finish_reason == "stop" for s in want) or setting == "greedy"
@@ -89,7 +94,7 @@ FAULT_CASES = [("http_500", 3), ("http_503", 2), ("malformed_json", 2), ("wrong_
 @pytest.mark.parametrize("fault,times", FAULT_CASES)
 def test_transient_faults_are_retried_without_loss_or_duplicates(model, server, fault, times):
     params = SETTINGS["sampled"]
-    want = LocalRolloutEngine(model, vocab_size=VOCAB, seed=11).generate(PROMPTS, params)
+    want = Int32SeedLocalEngine(model, vocab_size=VOCAB, seed=11).generate(PROMPTS, params)
     server.answered.clear()
     server.inject(fault, times, delay_s=1.5)
     engine = client(server.url, seed=11, timeout_s=0.75 if fault == "delay" else 30.0)
@@ -124,7 +129,7 @@ def test_worker_dying_mid_batch_fails_over(model):
         copy.deepcopy(model), vocab_size=VOCAB)
     try:
         params = SamplingParams(max_new_tokens=12, n=8, seed=5)
-        want = LocalRolloutEngine(model, vocab_size=VOCAB).generate(PROMPTS, params)
+        want = Int32SeedLocalEngine(model, vocab_size=VOCAB).generate(PROMPTS, params)
         a.die_after_answers = 5
         got = client([a.url, b.url], max_concurrency=4).generate(PROMPTS, params)
         assert a.dead and sum(a.answered.values()) >= 5 and sum(b.answered.values()) > 0
@@ -141,7 +146,7 @@ def test_router_with_one_dead_worker(model, server):
     router = ContractRouter([dead_url, server.url]).start()
     try:
         params = SETTINGS["nucleus"]
-        want = LocalRolloutEngine(model, vocab_size=VOCAB).generate(PROMPTS, params)
+        want = Int32SeedLocalEngine(model, vocab_size=VOCAB).generate(PROMPTS, params)
         got = client(router.url).generate(PROMPTS, params)
         assert_same_samples(got, want)
         assert router.forwarded[server.url] == len(want) and router.forwarded[dead_url] == 0

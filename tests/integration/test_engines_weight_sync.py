@@ -8,10 +8,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from contract_server import single_thread_torch, start_contract_server  # noqa: E402
+from contract_server import Int32SeedLocalEngine, single_thread_torch, start_contract_server  # noqa: E402
 from sglang_contract.tiny import reference_logprobs, tiny_qwen3  # noqa: E402
 
-from megatron_opd.rollout import LocalRolloutEngine, SamplingParams  # noqa: E402
+from megatron_opd.rollout import SamplingParams  # noqa: E402
 from megatron_opd.rollout.sglang_client import SGLangRolloutEngine  # noqa: E402
 from megatron_opd.rollout.sglang_http import SGLangError  # noqa: E402
 
@@ -47,7 +47,7 @@ def test_sync_from_state_dict_checks_version_probe_and_flushes(setup):
     version = engine.update_weights(new.state_dict(), probe=_probe(new))
     assert version == "v1" and server.weight_version == "v1"
     assert [p for p, _ in server.calls].count("/flush_cache") == 3  # two busy answers, then success
-    want = LocalRolloutEngine(new).generate(PROMPTS, PARAMS)
+    want = Int32SeedLocalEngine(new).generate(PROMPTS, PARAMS)
     got = engine.generate(PROMPTS, PARAMS)
     assert [s.response_ids for s in got] == [s.response_ids for s in want]
 
