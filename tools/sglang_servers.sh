@@ -30,8 +30,11 @@
 #                                  sharing GPUs with the trainer
 #   ROUTER [auto]                  auto (router when a role has >1 worker) | always | never
 #   ROUTER_POLICY [cache_aware]    sglang-router --policy
-#   BIND_HOST [0.0.0.0]            address the servers listen on
-#   ADVERTISE_HOST [hostname]      host name written into the printed URLs
+#   BIND_HOST [127.0.0.1]          address the servers listen on. Loopback by default: SGLang's
+#                                  weight-loading endpoints (/update_weights_from_disk ...) have no
+#                                  authentication. Set 0.0.0.0 (with a warning) only on a private
+#                                  network when the trainer runs on another machine.
+#   ADVERTISE_HOST [127.0.0.1 when BIND_HOST is loopback, else hostname]   host in the printed URLs
 #   SGLANG_PYTHON [/opt/sglang/bin/python if present, else python3]   interpreter with sglang
 #   SEED [1234]                    --random-seed of every worker
 #   STATE_DIR [runs/sglang]        logs (<name>.log) and pid files of started processes
@@ -56,8 +59,14 @@ TEACHER_EXTRA_ARGS=${TEACHER_EXTRA_ARGS:-}
 STUDENT_WEIGHT_UPDATE_ARGS=${STUDENT_WEIGHT_UPDATE_ARGS---weight-loader-disable-mmap}
 ROUTER=${ROUTER:-auto}
 ROUTER_POLICY=${ROUTER_POLICY:-cache_aware}
-BIND_HOST=${BIND_HOST:-0.0.0.0}
-ADVERTISE_HOST=${ADVERTISE_HOST:-$(hostname)}
+BIND_HOST=${BIND_HOST:-127.0.0.1}
+case "$BIND_HOST" in
+    127.*|localhost|::1) DEFAULT_ADVERTISE=127.0.0.1 ;;
+    *) DEFAULT_ADVERTISE=$(hostname)
+       echo "warning: BIND_HOST=$BIND_HOST exposes SGLang's unauthenticated weight-loading endpoints" \
+            "to every machine that reaches these ports; use it only on a private network" >&2 ;;
+esac
+ADVERTISE_HOST=${ADVERTISE_HOST:-$DEFAULT_ADVERTISE}
 SEED=${SEED:-1234}
 STATE_DIR=${STATE_DIR:-runs/sglang}
 HEALTH_TIMEOUT=${HEALTH_TIMEOUT:-1200}

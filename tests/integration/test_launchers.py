@@ -248,6 +248,20 @@ def test_server_layout_commands_and_urls():
     assert _run(SERVERS, "urls", "teacher", env=env).stdout.strip() == "http://srv0:31001"
 
 
+def test_servers_bind_loopback_unless_asked():
+    """SGLang's weight-loading endpoints are unauthenticated: loopback by default, a warning otherwise."""
+    env = _env(DRY_RUN="1", STUDENT_MODEL="/m/s", TEACHER_MODEL="/m/t", SGLANG_PYTHON="py")
+    default = _run(SERVERS, "up", env=env)
+    workers = [shlex.split(line) for line in default.stdout.splitlines() if "sglang.launch_server" in line]
+    assert workers and {_value(w, "--host") for w in workers} == {"127.0.0.1"}
+    assert "warning" not in default.stderr
+    assert _run(SERVERS, "urls", "student", env=env).stdout.strip() == "http://127.0.0.1:30001"
+    exposed = _run(SERVERS, "up", env={**env, "BIND_HOST": "0.0.0.0"})
+    workers = [shlex.split(line) for line in exposed.stdout.splitlines() if "sglang.launch_server" in line]
+    assert {_value(w, "--host") for w in workers} == {"0.0.0.0"}
+    assert "warning: BIND_HOST=0.0.0.0 exposes SGLang's unauthenticated weight-loading endpoints" in exposed.stderr
+
+
 @pytest.mark.parametrize("extra, args, message", [
     ({"STUDENT_GPUS": "0,1,2", "STUDENT_TP": "2"}, ["urls", "student"], "STUDENT_GPUS has 3 GPU(s), not a multiple of STUDENT_TP=2"),
     ({"TEACHER_GPUS": "a,b"}, ["urls", "teacher"], "TEACHER_GPUS must be comma-separated GPU ids"),
