@@ -53,7 +53,7 @@ ABLATION_VARIANTS: list[dict] = [
     *({"name": f"LSM + Block{n}", "flags": {"--objective": "lsm", "--gate": "block", "--gate-block-size": n}}
       for n in (16, 32, 64, 128)),
     {"name": "LSM + sequence gate", "flags": {"--objective": "lsm", "--gate": "sequence"}},
-    *({"name": f"LSM + Block64, τ={tau:g}", "flags": {"--objective": "lsm", **BLOCK64, "--gate-tau": tau}}
+    *({"name": f"LSM + Block64 τ={tau:g}", "flags": {"--objective": "lsm", **BLOCK64, "--gate-tau": tau}}
       for tau in (0.5, 2.0, 4.0)),
 ]
 PRESETS = {"six": DEFAULT_VARIANTS, "ablations": ABLATION_VARIANTS}
