@@ -59,11 +59,12 @@ class DemoRecipe:
     student_snapshot_step: int = 250
     opd: dict = field(default_factory=lambda: {
         "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
-        "--train-iters": 24, "--prompts-per-rollout": 16, "--samples-per-prompt": 4,
+        "--train-iters": 32, "--prompts-per-rollout": 16, "--samples-per-prompt": 4,
         "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 4,
         "--adam-beta2": 0.95, "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 320,
         "--micro-batch-size": 32, "--no-chat-template": True})
-    eval_problems: int = 128
+    eval_problems: int = 64
+    """Test problems per model in the demo (x ``eval_n`` samples): 4 models must fit the 10-minute budget."""
     eval_n: int = 8
     train_problems: int = 8000
     nproc: int = 2
