@@ -44,10 +44,12 @@ def _parent_alive(pid: int) -> bool:
 def _wait_for_job(queue_dir: Path, index: int, parent_pid: int) -> dict | None:
     """The job ``index`` once it exists; None when told to stop (or orphaned) with nothing left."""
     while True:
+        if not _parent_alive(parent_pid):
+            return None  # nobody will read the results: do not train the rest of the queue
         path = job_path(queue_dir, index)
         if path.exists():
             return json.loads(path.read_text())
-        if (queue_dir / "stop").exists() or not _parent_alive(parent_pid):
+        if (queue_dir / "stop").exists():
             return None
         time.sleep(0.5)
 
