@@ -115,3 +115,31 @@ def test_stale_worker_is_rejected_retried_and_cooled_down(real_server, tiny_hf_d
         assert any("stale answer" in f for f in engine.runner.failures)
     finally:
         stale.close()
+
+
+def test_teacher_scores_and_greedy_rollouts_equal_hf_forward(real_server, tiny_hf_dir):
+    """Teacher scoring (max_new_tokens 0, logprob_start_len P-1, the [1:] alignment, top-K) and
+    greedy rollouts on the real server against a full-vocab HF forward of the same directory.
+    (Moved here from the contract server: a real server shows it.)"""
+    from transformers import AutoConfig
+
+    from megatron_opd.teacher.sglang import SGLangTeacher
+
+    vocab = AutoConfig.from_pretrained(tiny_hf_dir).vocab_size
+    engine = SGLangRolloutEngine(real_server.url, vocab_size=vocab)
+    engine.update_weights(str(tiny_hf_dir), weight_version="fixture")  # whatever ran before, these weights
+    greedy = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    responses = [s.response_ids for s in greedy] + [[]]
+    scores = SGLangTeacher(real_server.url, vocab_size=vocab).score(PROMPTS + [[20]], responses, top_k=8)
+    assert scores[-1].token_logprobs.shape == (0,)
+    for sample, score in zip(greedy, scores):
+        p, r = sample.prompt_ids, sample.response_ids
+        ref = hf_logprobs(tiny_hf_dir, p + r)[len(p) - 1: len(p) + len(r) - 1]
+        token_ref = ref.gather(1, torch.tensor(r)[:, None])[:, 0]
+        assert r == ref.argmax(-1).tolist()  # greedy = HF argmax
+        torch.testing.assert_close(torch.tensor(sample.logprobs, dtype=torch.float64), token_ref,
+                                   atol=LOGPROB_ATOL, rtol=0)
+        torch.testing.assert_close(score.token_logprobs.double(), token_ref, atol=LOGPROB_ATOL, rtol=0)
+        top = ref.topk(8)
+        assert torch.equal(score.topk_ids, top.indices)
+        torch.testing.assert_close(score.topk_logprobs.double(), top.values, atol=LOGPROB_ATOL, rtol=0)
