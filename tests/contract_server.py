@@ -5,7 +5,7 @@ Not a product engine, and no longer the client's main test: the client runs agai
 made to show (malformed JSON, NaN log-probs, short or mis-addressed answers, injected 5xx), and its
 bodies follow the real server's (measured on 0.5.23): ``/flush_cache`` answers plain text (400 while
 busy), ``/abort_request`` an empty 200, validation errors ``{"error": {"message": ...}}``, unknown
-routes FastAPI's ``{"detail": "Not Found"}``, ``/get_server_info`` says whether
+routes FastAPI's default ``{"detail": "Not Found"}`` (not measured), ``/get_server_info`` says whether
 ``enable_deterministic_inference`` is on (on by default here, so that ``sampling_seed`` is sent).
 Generation runs through ``LocalRolloutEngine.sample`` with the request's ``sampling_seed``;
 concurrent requests with equal sampling settings are batched (a few ms window, like continuous

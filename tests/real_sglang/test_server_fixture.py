@@ -49,7 +49,9 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_stop_ends_the_whole_process_group(real_servers, tiny_hf_dir):
-    server = real_servers(tiny_hf_dir, extra_args=("--weight-version", "fixture-stop-test"))
+    # The session's own server (a later test that needs it gets a fresh one): a second server just
+    # for this check would cost another start (30 s idle, minutes on a loaded machine).
+    server = real_servers(tiny_hf_dir)
     assert _group_alive(server.pid)
     real_servers.discard(server)
     deadline = time.monotonic() + 5
