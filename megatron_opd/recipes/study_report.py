@@ -253,7 +253,8 @@ def plot_curves(data: dict, path: Path) -> Path | None:
     curve = data["eval"]["curve"]
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"pass@{data['n']} ({curve['limit']} {curve['name']} problems)")
-    ax.set_title("pass@k vs step (mean over seeds, 95% t band)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("pass@k vs step (mean over the seeds with a curve, 95% t band)")
     ax.legend(fontsize="small")
     return _save(fig, path, plt)
 
@@ -265,13 +266,16 @@ def plot_gates(data: dict, path: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(GATE_PLOT_KEYS), figsize=(4.0 * len(GATE_PLOT_KEYS), 3.6))
+    # One colour per variant in every panel (ungated variants have no gate series).
+    colours = {name: f"C{i}" for i, name in enumerate(data["results"])}
     for ax, (key, label) in zip(axes, GATE_PLOT_KEYS):
         for name, values in series[key].items():
             if values:
-                ax.plot(list(values), list(values.values()), marker=".", label=name)
+                ax.plot(list(values), list(values.values()), marker=".", label=name, color=colours[name])
         ax.set_xlabel("update index within a rollout")
         ax.set_title(label, fontsize="medium")
     axes[0].legend(fontsize="x-small")
+    axes[1].legend(fontsize="x-small")
     return _save(fig, path, plt)
 
 
