@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the teacher, student and their record (command, seed, pass@k) to DIR")
     parser.add_argument("--no-sft-baseline", action="store_true", help="skip the SFT-for-equal-wall-time baseline")
     args = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per evaluated model otherwise
     recipe = quick_recipe() if args.quick else DemoRecipe()
     workdir = Path(args.workdir)
     start = time.time()
