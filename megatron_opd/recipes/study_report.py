@@ -239,7 +239,7 @@ def _curves_by_variant(data: dict) -> dict[str, dict[int, list[float]]]:
 
 def plot_curves(data: dict, path: Path) -> Path | None:
     curves = _curves_by_variant(data)
-    if not curves:
+    if not curves or not data["eval"].get("curve"):
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.2))
