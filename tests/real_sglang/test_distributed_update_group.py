@@ -10,7 +10,6 @@ keys with the group name.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,12 @@ from pathlib import Path
 import httpx
 import torch
 
+from megatron_opd.platform.spawn import free_port
 from megatron_opd.rollout.sglang_weights import distributed_update_payload
 
 PEER = Path(__file__).with_name("update_group_peer.py")
 WORLD_SIZE = 3
 JOIN_TIMEOUT_S = 60  # SGLang's own side would wait 30 min (its default); the test stops it earlier
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sample_tensors() -> list[tuple[str, torch.Tensor]]:
