@@ -151,7 +151,7 @@ def write_initial_model(out_dir: Path, shape: ModelShape, seed: int) -> Path:
     return out_dir
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -185,7 +185,7 @@ def run_train(flags: dict, nproc: int, run_dir: Path, bar=None, *, stop_after_s:
     stop once it returns True (polled every second). Neither is a failure.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = train_command(flags, nproc, run_dir, port=_free_port())
+    cmd = train_command(flags, nproc, run_dir, port=free_port())
     # Share the cores between the ranks (each rank's torch would otherwise use all of them).
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     log_file, metrics_file = run_dir / "train.log", run_dir / "metrics.jsonl"

@@ -152,10 +152,10 @@ class TrainQueue:
         return index
 
     def _start(self) -> None:
-        from megatron_opd.recipes.common import _free_port
+        from megatron_opd.recipes.common import free_port
 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_opd.recipes.train_worker",
+               "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_opd.recipes.train_worker",
                str(self.dir), str(os.getpid())]
         # A caller's OMP_NUM_THREADS wins (a shared box); else the cores are split between the ranks.
         threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // self.nproc))
