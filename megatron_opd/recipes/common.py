@@ -37,6 +37,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 ASSET_RECORD = "recipe.json"
 TASKS = {"chain": ("chain", "chain_val"), "toy": ("toy", None)}
 """Task -> (test benchmark, validation benchmark) of the eval harness."""
+STEP_DELIMITERS = {"chain": "\n", "toy": ";"}
+"""Task -> the text that ends each solution step (the spans gate's ``--gate-span-delimiter``): chain
+steps are lines; toy solutions have no newlines, ``;`` ends each step."""
 
 
 @dataclass(kw_only=True)
@@ -53,10 +56,10 @@ class DemoRecipe:
         "--train-iters": 800, "--prompts-per-rollout": 16, "--lr": 4e-3, "--min-lr": 4e-4,
         "--lr-warmup-iters": 10, "--lr-decay-style": "cosine", "--adam-beta2": 0.95, "--no-chat-template": True})
     sft_nproc: int = 1
-    teacher_snapshot_step: int | None = 400
+    teacher_snapshot_step: int | None = None
     """The teacher is this step's snapshot of the SFT run (None: its end); the run stops there. The
     learning-rate schedule spans all ``--train-iters``, so the snapshot does not depend on the stop."""
-    student_snapshot_step: int = 250
+    student_snapshot_step: int = 330
     opd: dict = field(default_factory=lambda: {
         "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
         "--train-iters": 32, "--prompts-per-rollout": 16, "--samples-per-prompt": 4,
@@ -87,6 +90,10 @@ class DemoRecipe:
     @property
     def val_benchmark(self) -> str | None:
         return TASKS[self.task][1]
+
+    @property
+    def span_delimiter(self) -> str:
+        return STEP_DELIMITERS[self.task]
 
     def fingerprint(self) -> str:
         """Cache key of the SFT teacher + snapshot: only what determines them."""

@@ -37,6 +37,8 @@ from megatron_opd.recipes.common import (
 MODEL_ROWS = (("teacher", "teacher"), ("student before OPD", "before"), ("student after OPD", "after"),
               ("student after SFT, same wall time", "sft_baseline"))
 
+ASSET_ROWS = {"teacher": "teacher", "student before OPD": "student"}
+
 
 def opd_flags(recipe: DemoRecipe, data_path: Path, teacher_dir: Path, student_dir: Path, out_dir: Path) -> dict:
     return {**recipe.opd, "--data-path": str(data_path), "--seed": recipe.seed,
@@ -273,7 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                                            if k in ("teacher", "student before OPD")}, workdir, recipe.val_benchmark)
         else:
             val = {}
-        summary["measured"] = {recipe.test_benchmark: summary["results"], **({recipe.val_benchmark: val} if val else {}),
+        def as_assets(rows: dict) -> dict:  # the record names the shipped models, not the demo's rows
+            return {ASSET_ROWS.get(name, name): res for name, res in rows.items()}
+
+        summary["measured"] = {recipe.test_benchmark: as_assets(summary["results"]),
+                               **({recipe.val_benchmark: as_assets(val)} if val else {}),
                                "eval_problems": recipe.eval_problems, "n": n, "eval_seed": recipe.seed}
         sft_file = workdir / "sft_seconds.txt"
         seconds = float(sft_file.read_text()) if sft_file.exists() else None

@@ -419,11 +419,9 @@ def _recipe_setup(args) -> tuple[dict, Path, DemoRecipe]:
     """Base flags and student of the embedded recipe (teacher/student cached like ``megatron-opd demo``)."""
     recipe = quick_recipe() if args.quick else DemoRecipe()
     teacher_dir, student_dir, data_path = prepare_models(recipe, Path(args.workdir), Path(args.cache_dir) / "demo")
-    # Toy solutions have no newlines: ';' ends each step, so it is that task's span delimiter.
-    delimiter = getattr(recipe, "span_delimiter", ";")
     base = {**recipe.opd, "--data-path": str(data_path), "--teacher-hf": str(teacher_dir),
             "--rollout-url": "local", "--teacher-url": "local", "--tensor-model-parallel-size": args.nproc,
-            "--gate-span-delimiter": delimiter, "--no-progress": True}
+            "--gate-span-delimiter": recipe.span_delimiter, "--no-progress": True}
     return base, student_dir, recipe
 
 

@@ -1,0 +1,36 @@
+"""Per-task settings of the embedded recipes: the spans gate must split a task's solutions at its steps."""
+
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.data.chain_task import STEPS, generate_chain_problems
+from megatron_opd.data.toy_task import generate_toy_problems
+from megatron_opd.recipes import variants
+from megatron_opd.recipes.common import TASKS, DemoRecipe, quick_recipe
+
+GENERATORS = {"chain": generate_chain_problems, "toy": generate_toy_problems}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_span_delimiter_splits_every_solution_into_its_steps(task):
+    delimiter = DemoRecipe(task=task, assets=None).span_delimiter
+    for record in GENERATORS[task](20, seed=3, split="train"):
+        steps = record["solution"].split(delimiter)
+        assert len(steps) >= 2 and all(steps), (task, record["solution"])
+        if task == "chain":
+            assert len(steps) == STEPS + 1  # nine step lines and the boxed answer
+
+
+@pytest.mark.parametrize("recipe", [DemoRecipe(), quick_recipe()], ids=["chain", "toy"])
+def test_variants_base_flags_use_the_tasks_delimiter(recipe, monkeypatch, tmp_path):
+    """The study's spans variant gets the task's delimiter (chain: newline), not the toy's ';'
+    (which never occurs in a chain solution, so every span would be the whole response)."""
+    monkeypatch.setattr(variants, "prepare_models", lambda *a, **k: (Path("t"), Path("s"), Path("d.jsonl")))
+    monkeypatch.setattr(variants, "quick_recipe", lambda: recipe)
+    monkeypatch.setattr(variants, "DemoRecipe", lambda: recipe)
+    args = variants.build_parser().parse_args(["--workdir", str(tmp_path), "--quick"])
+    base, _, _ = variants._recipe_setup(args)
+    assert base["--gate-span-delimiter"] == recipe.span_delimiter
+    sample = GENERATORS[recipe.task](1, seed=0, split="train")[0]["solution"]
+    assert base["--gate-span-delimiter"] in sample
