@@ -403,11 +403,19 @@ def run_sft_control(study: Study, sft_flags: dict, seed: int, per_seed: dict[str
     return {**result, "target_wall_s": target, "sft_steps": steps}
 
 
+DATA_FLAGS = ("--data-path", "--prompt-field", "--answer-field", "--solution-field", "--max-prompt-length",
+              "--chat-template", "--no-chat-template", "--enable-thinking", "--instruction")
+"""Trainer flags that say what the prompts are and how they are rendered."""
+
+
 def build_sft_flags(recipe: DemoRecipe | None, base: dict, lr: float | None) -> dict:
     """Continued SFT of the student on the training solutions (the recipe's SFT batch and betas)."""
     sft = dict(recipe.sft) if recipe is not None else {"--prompts-per-rollout": 64, "--adam-beta2": 0.95}
     batch = int(sft.get("--prompts-per-rollout", 64))
-    flags = {"--data-path": base["--data-path"], "--tensor-model-parallel-size": base.get("--tensor-model-parallel-size", 1),
+    # The prompts must look as in OPD (e.g. raw chain prompts: --no-chat-template), or the control
+    # trains on another prompt format than the one it is evaluated on.
+    data = {key: base[key] for key in DATA_FLAGS if key in base}
+    flags = {**data, "--tensor-model-parallel-size": base.get("--tensor-model-parallel-size", 1),
              "--objective": "sft", "--gate": "none", "--epochs-per-rollout": 1, "--minibatches-per-rollout": 1,
              "--prompts-per-rollout": batch, "--micro-batch-size": batch, "--adam-beta2": sft.get("--adam-beta2", 0.95),
              "--lr": lr if lr is not None else sft.get("--min-lr", sft.get("--lr", 1e-3)),

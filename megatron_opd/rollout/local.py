@@ -7,6 +7,7 @@ Batching never changes a sample: every row draws its noise from its own generato
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,57 @@ def cache_field_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@functools.cache
+def _growing_layer_class():
+    """A KV-cache layer that writes into a buffer grown by doubling (None where transformers has no
+    cache layers, before 5.0: its default cache is used).
+
+    transformers' ``DynamicLayer`` concatenates the whole cache on every decoding step, quadratic in
+    the response length: on 278-token chain responses it was 46% of sampling time on CPU.
+    """
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return None
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._buffers, self._length = None, 0
+            end = self._length + key_states.shape[-2]
+            if self._buffers is None or end > self._buffers[0].shape[-2]:
+                capacity = max(end, 2 * self._length, 64)
+                grown = []
+                for old, new in zip(self._buffers or (None, None), (key_states, value_states)):
+                    buf = new.new_empty(*new.shape[:-2], capacity, new.shape[-1])
+                    if old is not None:
+                        buf[..., :self._length, :] = old[..., :self._length, :]
+                    grown.append(buf)
+                self._buffers = tuple(grown)
+            self._buffers[0][..., self._length:end, :] = key_states
+            self._buffers[1][..., self._length:end, :] = value_states
+            self._length = end
+            self.keys, self.values = (buf[..., :end, :] for buf in self._buffers)
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def new_kv_cache():
+    """An empty KV cache for ``_Decoder`` (None: the model builds its default one)."""
+    layer = _growing_layer_class()
+    if layer is None:
+        return None
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    if getattr(cache, "layer_class_to_replicate", None) is None or getattr(cache, "layers", None) != []:
+        return None  # a cache built another way: keep the model's default
+    cache.layer_class_to_replicate = layer
+    return cache
+
+
 class _Decoder:
     """KV-cached incremental forward of a left-padded batch."""
 
@@ -75,7 +127,7 @@ class _Decoder:
         device = next(model.parameters()).device  # the inputs go where the model is (CPU or CUDA)
         self.input_ids, self.mask = (t.to(device) for t in left_pad(prompts))
         self.positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-        self.cache = None
+        self.cache = new_kv_cache()
         self.cache_name = cache_field_name(model)
 
     def first_logits(self) -> torch.Tensor:

@@ -34,3 +34,14 @@ def test_variants_base_flags_use_the_tasks_delimiter(recipe, monkeypatch, tmp_pa
     assert base["--gate-span-delimiter"] == recipe.span_delimiter
     sample = GENERATORS[recipe.task](1, seed=0, split="train")[0]["solution"]
     assert base["--gate-span-delimiter"] in sample
+
+
+def test_sft_control_renders_prompts_as_the_opd_runs_do():
+    """The SFT control/sweep reads the same data, rendered the same way (chain: raw prompts, no
+    chat template): with the template it trained on prompts it is never evaluated on."""
+    recipe = DemoRecipe()
+    base = {**recipe.opd, "--data-path": "d.jsonl", "--instruction": "Solve.", "--tensor-model-parallel-size": 2}
+    flags = variants.build_sft_flags(recipe, base, lr=1e-3)
+    assert flags["--no-chat-template"] is True and recipe.opd["--no-chat-template"] is True
+    assert flags["--data-path"] == "d.jsonl" and flags["--instruction"] == "Solve."
+    assert flags["--objective"] == "sft" and flags["--lr"] == 1e-3

@@ -188,3 +188,26 @@ def test_cached_decoding_uses_the_current_cache_argument(model, capfd):
     assert not noise, noise
     err = capfd.readouterr().err
     assert "deprecated" not in err, err
+
+
+def test_growing_kv_cache_gives_the_default_caches_samples(model, monkeypatch):
+    """The sampler's KV cache writes into a buffer grown by doubling (transformers' default
+    concatenates the whole cache every step). Growing past the first capacity (64) several times
+    must not change a sample or a log-prob against the model's default cache."""
+    from megatron_opd.rollout import local
+
+    cache = local.new_kv_cache()
+    layer_class = local._growing_layer_class()
+    if layer_class is None:  # transformers < 5: no cache layers, the default cache is used
+        assert cache is None
+        return
+    assert cache is not None and cache.layer_class_to_replicate is layer_class
+    assert local._Decoder(model, PROMPTS).cache.layer_class_to_replicate is layer_class  # the sampler's cache
+    params = SamplingParams(temperature=1.0, top_p=0.95, max_new_tokens=150, n=2, seed=9, ignore_eos=True)
+    grown = LocalRolloutEngine(model).generate(PROMPTS, params)
+    monkeypatch.setattr(local, "new_kv_cache", lambda: None)
+    default = LocalRolloutEngine(model).generate(PROMPTS, params)
+    assert [s.response_ids for s in grown] == [s.response_ids for s in default]
+    assert all(len(s.response_ids) == 150 for s in grown)
+    for a, b in zip(grown, default):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-6)
