@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from megatron_opd.eval.benchmarks import available_benchmarks
+from megatron_opd.eval.benchmarks import RAW_PROMPT_BENCHMARKS, available_benchmarks
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--instruction", help="text appended to each problem (default: 'Please reason step by "
                                          "step, and put your final answer within \\boxed{}.'; none for toy)")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the raw problem text")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="feed the raw problem text (the default for the raw-prompt benchmarks: "
+                        f"{', '.join(RAW_PROMPT_BENCHMARKS)}; they cannot be mixed with the others)")
     p.add_argument("--enable-thinking", action="store_true", help="Qwen3 chat template thinking mode")
     p.add_argument("--batch-problems", type=int, default=16, help="problems per engine call (resume granularity)")
     p.add_argument("--grader-workers", type=int, default=2)
@@ -61,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def chat_template_of(args: argparse.Namespace) -> bool:
+    """The chain benchmarks are trained and evaluated on raw prompts: raw unless asked otherwise; a
+    run mixing them with chat-template benchmarks is refused (one run has one prompt format)."""
+    raw = [b for b in args.benchmarks if b in RAW_PROMPT_BENCHMARKS]
+    if raw and len(raw) < len(args.benchmarks):
+        raise ValueError(f"--benchmarks: {', '.join(raw)} take raw prompts and "
+                         f"{', '.join(b for b in args.benchmarks if b not in raw)} the chat template; "
+                         f"evaluate them in separate runs")
+    return not (args.no_chat_template or raw)
+
+
 def config_from_args(args: argparse.Namespace):
     from megatron_opd.eval.config import EvalConfig
 
@@ -68,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
         benchmarks=args.benchmarks, n=args.n, ks=args.k, data_dir=args.data_dir, out_dir=args.out_dir,
         limit=args.limit, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, seed=args.seed, instruction=args.instruction,
-        chat_template=not args.no_chat_template, enable_thinking=args.enable_thinking,
+        chat_template=chat_template_of(args), enable_thinking=args.enable_thinking,
         batch_problems=args.batch_problems, grader_workers=args.grader_workers,
         grade_timeout_s=args.grade_timeout, run_name=args.run_name,
         extra={"model_hf": args.model_hf, "url": args.url, "tokenizer": args.tokenizer or args.model_hf})

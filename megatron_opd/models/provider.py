@@ -7,6 +7,8 @@ The vocab is padded (``megatron_config.padded_vocab_size``); each chunk records 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from megatron_opd.models.megatron_config import head_dim, padded_vocab_size, rope_theta, to_transformer_config
@@ -37,6 +39,18 @@ class TorchRMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+class _DropSubclassMLPNote(logging.Filter):
+    """Megatron's TransformerLayer warns "Unknown MLP type ... Using default kwargs" once per layer for
+    any MLP subclass. For ``SwiGLUMLP`` the default kwargs are right (its TP group defaults to the
+    model's), so that note is noise in every trainer log; other warnings pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+_SUBCLASS_MLP_NOTE = _DropSubclassMLPNote()
+
+
 def _local_layer_spec():
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -47,6 +61,9 @@ def _local_layer_spec():
     # Fused SDPA for the causal case: the unfused local attention was most of a CPU train step.
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
     spec.submodules.mlp.module = SwiGLUMLP  # SwiGLU as one autograd node (no strided add/cat)
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if _SUBCLASS_MLP_NOTE not in layer_logger.filters:
+        layer_logger.addFilter(_SUBCLASS_MLP_NOTE)
     spec.submodules.input_layernorm = TorchRMSNorm
     spec.submodules.pre_mlp_layernorm = TorchRMSNorm
     # q/k norms act on head_dim after the (sequence-gathering) qkv projection: never SP-sharded.

@@ -62,7 +62,7 @@ class DemoRecipe:
     student_snapshot_step: int = 330
     opd: dict = field(default_factory=lambda: {
         "--objective": "lsm", "--topk": 16, "--gate": "block", "--gate-block-size": 64,
-        "--train-iters": 32, "--prompts-per-rollout": 16, "--samples-per-prompt": 4,
+        "--train-iters": 64, "--prompts-per-rollout": 16, "--samples-per-prompt": 4,
         "--epochs-per-rollout": 2, "--minibatches-per-rollout": 2, "--lr": 1e-3, "--lr-warmup-iters": 4,
         "--adam-beta2": 0.95, "--temperature": 1.0, "--top-p": 1.0, "--max-new-tokens": 320,
         "--micro-batch-size": 32, "--no-chat-template": True})

@@ -28,12 +28,26 @@ def test_defaults_are_the_paper_setting():
     (["--url", "http://b"], "--url needs --tokenizer"),
     (["--url", "http://b", "--tokenizer", "toy", "--n", "4"], "--n 4 must be >= every k"),
     (["--url", "http://b", "--tokenizer", "toy", "--benchmarks", "aime24,gsm8k"], "unknown ['gsm8k']"),
+    (["--url", "http://b", "--tokenizer", "toy", "--benchmarks", "chain,math500"], "evaluate them in separate runs"),
 ])
 def test_bad_command_lines_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, chat_template", [
+    (["--benchmarks", "chain"], False),  # the chain task is trained and evaluated on raw prompts
+    (["--benchmarks", "chain,chain_val"], False),
+    (["--benchmarks", "math500"], True),
+    (["--benchmarks", "math500", "--no-chat-template"], False),
+])
+def test_raw_prompt_benchmarks_default_to_raw_prompts(argv, chat_template):
+    from megatron_opd.eval.cli import config_from_args
+
+    args = build_parser().parse_args(["--url", "http://b", "--tokenizer", "toy", *argv])
+    assert config_from_args(args).chat_template is chat_template
 
 
 def test_compare_needs_finished_runs(tmp_path):
