@@ -100,4 +100,9 @@ def serve(queue_dir: Path, parent_pid: int) -> None:
 
 
 if __name__ == "__main__":
+    from megatron_opd.platform.fallbacks import fallback_summary, quiet_megatron_fallbacks
+
+    quiet_megatron_fallbacks()  # as `megatron-opd train`: one summary line, not a wall of warnings
+    if os.environ.get("RANK", "0") == "0":
+        print(fallback_summary(), file=sys.stderr, flush=True)
     serve(Path(sys.argv[1]), int(sys.argv[2]))

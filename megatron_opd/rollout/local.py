@@ -74,7 +74,7 @@ def _growing_layer_class():
     cache layers, before 5.0: its default cache is used).
 
     transformers' ``DynamicLayer`` concatenates the whole cache on every decoding step, quadratic in
-    the response length: on 278-token chain responses it was 46% of sampling time on CPU.
+    the response length (``benchmarks/bench_sampler.py`` times both on 278-token chain responses).
     """
     try:
         from transformers.cache_utils import DynamicLayer

@@ -39,3 +39,6 @@ def test_runs_are_independent_of_order_and_failures_are_isolated(toy_models, tmp
     assert trajectory("a_again") == trajectory("a")
     assert trajectory("b") != trajectory("a")
     assert json.loads((tmp_path / "a" / "config.json").read_text())["optim"]["seed"] == 1
+    # The worker's log: Megatron's TE/Apex fallbacks named once, not a wall of warnings.
+    log = (tmp_path / "queue" / "worker.log").read_text()
+    assert log.count("megatron-core fallbacks in use:") == 1 and "Falling back" not in log, log[:3000]
