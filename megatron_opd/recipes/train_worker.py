@@ -31,6 +31,16 @@ def done_path(queue_dir: Path, index: int) -> Path:
     return queue_dir / f"{index:05d}.done"
 
 
+TRAINED = "trained.json"
+"""Written into a run's directory once it trained: ``{"ok": true, "wall_s": ...}``."""
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
 def _parent_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -90,9 +100,9 @@ def serve(queue_dir: Path, parent_pid: int) -> None:
             except Exception:  # one bad run must not take the rest of the study with it
                 status = {"ok": False, "error": traceback.format_exc()[-4000:]}
             if state.rank == 0:
-                tmp = done_path(queue_dir, index).with_suffix(".tmp")
-                tmp.write_text(json.dumps(status))
-                os.replace(tmp, done_path(queue_dir, index))
+                if status["ok"]:  # in the run dir too: a restarted study finds the run trained
+                    _write_json(Path(job["run_dir"]) / TRAINED, status)
+                _write_json(done_path(queue_dir, index), status)
             index += 1
     finally:
         if state is not None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_opd.recipes.common import DemoRecipe, evaluate_hf_dir, prepare_models, quick_recipe
+from megatron_opd.recipes.train_worker import TRAINED
 
 BLOCK64 = {"--gate": "block", "--gate-block-size": 64}
 DEFAULT_VARIANTS: list[dict] = [
@@ -128,6 +129,18 @@ class EvalSpec:
     data_dir: str | None = None
 
 
+def worker_threads(nproc: int) -> str:
+    """Threads per rank of the training worker: a caller's OMP_NUM_THREADS, else the cores split
+    between the ranks."""
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
+
+
+def evaluation_threads(nproc: int) -> int:
+    """Threads for this process's evaluations while the worker trains: the cores the worker leaves,
+    at least one (both at full width oversubscribe the cores)."""
+    return max(1, (os.cpu_count() or 1) - nproc * int(worker_threads(nproc)))
+
+
 class TrainQueue:
     """Parent side of ``recipes.train_worker``: one long-lived torchrun job trains every run in turn.
 
@@ -158,7 +171,7 @@ class TrainQueue:
                "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_opd.recipes.train_worker",
                str(self.dir), str(os.getpid())]
         # A caller's OMP_NUM_THREADS wins (a shared box); else the cores are split between the ranks.
-        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // self.nproc))
+        threads = worker_threads(self.nproc)
         self.log = (self.dir / "worker.log").open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=dict(os.environ, OMP_NUM_THREADS=threads))
@@ -223,6 +236,9 @@ class Study:
         flags, run_dir = self._run_dir(flags, snapshots)
         if (run_dir / "run.json").exists() or str(run_dir) in self.pending:
             return
+        if (run_dir / TRAINED).exists():  # trained by an earlier, interrupted study: record it
+            self._record(flags, run_dir, json.loads((run_dir / TRAINED).read_text()))
+            return
         shutil.rmtree(run_dir, ignore_errors=True)
         self.pending[str(run_dir)] = self.queue.submit({**flags, "--save-hf": str(run_dir / "hf")}, run_dir)
 
@@ -236,8 +252,12 @@ class Study:
         status = self.queue.wait(self.pending.pop(str(run_dir)))
         if not status["ok"]:
             raise TrainingFailed(f"training {run_dir} failed:\n{status['error']}")
+        return self._record(flags, run_dir, status)
+
+    @staticmethod
+    def _record(flags: dict, run_dir: Path, status: dict) -> dict:
         record = {"flags": flags, "run_dir": str(run_dir), "hf": str(run_dir / "hf"), "wall_s": status["wall_s"]}
-        record_file.write_text(json.dumps(record, indent=2))
+        (run_dir / "run.json").write_text(json.dumps(record, indent=2))
         return record
 
     def evaluate(self, model_dir: str | Path, out_dir: Path, seed: int, spec: EvalSpec) -> dict:
@@ -248,7 +268,7 @@ class Study:
             return json.loads(done.read_text())
         results = evaluate_hf_dir(Path(model_dir), out_dir, benchmarks=spec.benchmarks, n=spec.n, seed=seed,
                                   limit=spec.limit, max_new_tokens=spec.max_new_tokens, data_dir=spec.data_dir,
-                                  pool=self.pool)
+                                  pool=self.pool, batch_problems=32)
         (out_dir / "model.txt").write_text(stamp)
         return results
 
@@ -527,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         return write_study_report({**data, "command": command, "notes": notes}, report_dir, report_name,
                                   title=args.title)
 
+    import torch
+
+    torch.set_num_threads(evaluation_threads(args.nproc))
     with GradingPool(num_workers=2) as pool:
         queue = TrainQueue(workdir / f"queue-{os.getpid()}", args.nproc)
         study = Study(base_flags=base, student_hf=student_dir, workdir=workdir, queue=queue, pool=pool,

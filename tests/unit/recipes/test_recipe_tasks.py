@@ -45,3 +45,31 @@ def test_sft_control_renders_prompts_as_the_opd_runs_do():
     assert flags["--no-chat-template"] is True and recipe.opd["--no-chat-template"] is True
     assert flags["--data-path"] == "d.jsonl" and flags["--instruction"] == "Solve."
     assert flags["--objective"] == "sft" and flags["--lr"] == 1e-3
+
+
+def test_a_restarted_study_records_runs_the_worker_finished(tmp_path):
+    """A study killed after the worker trained a run but before it read the result: the restarted
+    study records that run from its ``trained.json`` instead of training it again."""
+    from megatron_opd.recipes.train_worker import TRAINED
+
+    class NoQueue:
+        def submit(self, flags, run_dir):
+            raise AssertionError(f"queued again: {run_dir}")
+
+    study = variants.Study(base_flags={}, student_hf=tmp_path / "s", workdir=tmp_path, queue=NoQueue(), pool=None,
+                           test=None)
+    flags = {"--objective": "lsm", "--seed": 1}
+    _, run_dir = study._run_dir(flags, ())
+    run_dir.mkdir(parents=True)
+    (run_dir / TRAINED).write_text('{"ok": true, "wall_s": 12.5}')
+    record = study.train(flags)
+    assert record["wall_s"] == 12.5 and record["run_dir"] == str(run_dir)
+    assert (run_dir / "run.json").exists()
+
+
+def test_evaluation_leaves_the_workers_cores(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(variants.os, "cpu_count", lambda: 8)
+    assert variants.worker_threads(2) == "4" and variants.evaluation_threads(2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert variants.evaluation_threads(2) == 6
