@@ -1,6 +1,6 @@
 """The embedded CPU default of ``examples/run_block64.sh``: Block64-gated OPD on a laptop-sized task.
 
-1. the long-horizon chain task (``data.chain_task``: 265-373-token responses, at least 4 blocks of
+1. the long-horizon chain task (``data.chain_task``: 278-token responses, more than 4 blocks of
    64 tokens) written as a JSONL train file; its test split is the ``chain`` benchmark;
 2. a tiny Qwen3 teacher and its early SFT snapshot as the student, both trained by this trainer's
    ``sft`` objective and shipped in ``recipes/assets/chain`` (``--from-scratch`` retrains them);
