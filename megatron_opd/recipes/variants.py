@@ -170,7 +170,6 @@ class TrainQueue:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(self.nproc), "--master-addr",
                "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_opd.recipes.train_worker",
                str(self.dir), str(os.getpid())]
-        # A caller's OMP_NUM_THREADS wins (a shared box); else the cores are split between the ranks.
         threads = worker_threads(self.nproc)
         self.log = (self.dir / "worker.log").open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
