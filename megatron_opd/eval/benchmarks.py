@@ -39,6 +39,17 @@ CHAIN_EVAL_SEED = 2024
 CHAIN_EVAL_SIZE = 256
 RAW_PROMPT_BENCHMARKS = tuple(CHAIN_BENCHMARKS)
 """Trained and evaluated on the raw problem text, without the chat template (``data.chain_task``)."""
+
+
+def default_chat_template(benchmarks) -> bool:
+    """Whether ``benchmarks`` are rendered with the chat template: not the raw-prompt ones. One run has
+    one prompt format, so mixing raw-prompt and chat-template benchmarks is refused."""
+    raw = [b for b in benchmarks if b in RAW_PROMPT_BENCHMARKS]
+    if raw and len(raw) < len(benchmarks):
+        raise ValueError(f"--benchmarks: {', '.join(raw)} take raw prompts and "
+                         f"{', '.join(b for b in benchmarks if b not in raw)} the chat template; "
+                         f"evaluate them in separate runs")
+    return not raw
 SYNTHETIC_BENCHMARKS = (TOY_BENCHMARK, TOY_VAL_BENCHMARK, *CHAIN_BENCHMARKS)
 """Trained on bare problems: no instruction is appended (``EvalConfig.instruction_for``)."""
 

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from megatron_opd.eval.benchmarks import RAW_PROMPT_BENCHMARKS, available_benchmarks
+from megatron_opd.eval.benchmarks import RAW_PROMPT_BENCHMARKS, available_benchmarks, default_chat_template
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -64,14 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def chat_template_of(args: argparse.Namespace) -> bool:
-    """The chain benchmarks are trained and evaluated on raw prompts: raw unless asked otherwise; a
-    run mixing them with chat-template benchmarks is refused (one run has one prompt format)."""
-    raw = [b for b in args.benchmarks if b in RAW_PROMPT_BENCHMARKS]
-    if raw and len(raw) < len(args.benchmarks):
-        raise ValueError(f"--benchmarks: {', '.join(raw)} take raw prompts and "
-                         f"{', '.join(b for b in args.benchmarks if b not in raw)} the chat template; "
-                         f"evaluate them in separate runs")
-    return not (args.no_chat_template or raw)
+    """Raw prompts with --no-chat-template, else the benchmarks' default (raw for the chain task)."""
+    return default_chat_template(args.benchmarks) and not args.no_chat_template
 
 
 def config_from_args(args: argparse.Namespace):

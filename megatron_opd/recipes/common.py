@@ -306,16 +306,12 @@ def evaluate_hf_dir(model_dir: Path, out_dir: Path, *, benchmarks, n: int, seed:
     ``chat_template``: default off for the benchmarks trained on raw prompts (``chain``), else on."""
     from transformers import AutoTokenizer
 
-    from megatron_opd.eval.benchmarks import RAW_PROMPT_BENCHMARKS
+    from megatron_opd.eval.benchmarks import default_chat_template
     from megatron_opd.eval.harness import evaluate
     from megatron_opd.rollout import LocalRolloutEngine
 
     if chat_template is None:
-        raw = [b in RAW_PROMPT_BENCHMARKS for b in benchmarks]
-        if any(raw) and not all(raw):
-            raise ValueError(f"benchmarks {list(benchmarks)}: mixes raw-prompt and chat-template benchmarks; "
-                             f"evaluate them separately or pass chat_template")
-        chat_template = not any(raw)
+        chat_template = default_chat_template(benchmarks)
 
     shutil.rmtree(out_dir, ignore_errors=True)  # never resume generations of an older model
     engine = LocalRolloutEngine(str(model_dir), seed=seed)
