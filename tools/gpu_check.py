@@ -6,9 +6,10 @@ writing a JSON report.
     python tools/gpu_check.py --wheels ./wheels --out gpu_check.json    # no network: deps from a wheel folder
     python tools/gpu_check.py --device cpu --tiny --out report.json     # the test suite's run (every line)
 
-torch always comes from the machine (the NGC image); ``--wheels DIR`` installs only the project's other
-dependencies with ``pip install --no-index --find-links DIR`` under a constraints file that freezes the
-installed torch and every CUDA-built package, then checks that torch is still the same build.
+torch always comes from the machine (the NGC image); ``--wheels DIR`` installs the wheels that
+``scripts/fetch_gpu_wheels.sh DIR`` fetched (what the GPU image lacks: megatron-core, datasets, math-verify and
+their few dependencies) offline with ``--no-deps``, under a constraints file that freezes the installed torch
+and every CUDA-built package, then checks that torch is still the same build.
 
 Sections (each reports ``passed``, ``seconds``, ``error`` and its numbers; a failing section never stops
 the others; the process exits 0 only when all passed):
@@ -52,7 +53,6 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import tomllib
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,28 +193,28 @@ def _frozen_constraints(path: Path) -> Path:
     return path
 
 
-def _project_requirements() -> list[str]:
-    """The project's dependencies (pyproject.toml) other than torch, which comes from the machine."""
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return [d for d in deps if not d.replace(" ", "").lower().startswith(("torch>", "torch=", "torch<", "torch;"))
-            and d.split(";")[0].strip().lower() != "torch"]
-
-
 def install_wheels(wheels: Path, workdir: Path) -> dict:
-    """pip install the project's requirements from ``wheels`` only (no index), torch frozen; returns facts."""
+    """pip install every wheel in ``wheels`` (scripts/fetch_gpu_wheels.sh: exactly what the GPU image lacks),
+    offline and with --no-deps, so the image's torch and its other packages stay as they are; returns facts,
+    including ``pip check``'s complaints (reported, not fatal: a version bound of a fetched package that the
+    image's copy misses usually does not matter, and the sections below show whether it does)."""
     if not wheels.is_dir():
         raise FileNotFoundError(f"--wheels {wheels} is not a directory")
     before = _torch_identity()
+    files = sorted(str(f) for f in wheels.glob("*.whl"))
     constraints = _frozen_constraints(workdir / "frozen-constraints.txt")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
-           "--constraint", str(constraints), *_project_requirements()]
-    env = dict(os.environ, PIP_CONSTRAINT="", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    _run(cmd, env, workdir / "pip-install.log", timeout=240)
+    if files:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--constraint", str(constraints),
+               *files]
+        env = dict(os.environ, PIP_CONSTRAINT="", PIP_DISABLE_PIP_VERSION_CHECK="1")
+        _run(cmd, env, workdir / "pip-install.log", timeout=240)
+    pip_check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
     after = subprocess.run([sys.executable, "-c", "import json, torch, pathlib; print(json.dumps({'version': "
                             "torch.__version__, 'file': str(pathlib.Path(torch.__file__).resolve()), "
                             "'cuda': torch.version.cuda}))"], capture_output=True, text=True, check=True)
     return {"torch_before": before, "torch_after": json.loads(after.stdout), "constraints": constraints.read_text(),
-            "wheels_dir": str(wheels), "wheel_files": len(list(wheels.glob("*.whl")))}
+            "wheels_dir": str(wheels), "wheel_files": [Path(f).name for f in files],
+            "pip_check": pip_check.stdout.strip().splitlines()[-20:]}
 
 
 def section_environment(check: Check, args, device: torch.device, workdir: Path) -> None:
