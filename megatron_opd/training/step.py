@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.platform import ParallelState
+from megatron_opd.platform.p2p_shapes import apply_p2p_shape_fix
 from megatron_opd.training.experience import Experience
 from megatron_opd.training.loss import MicrobatchLoss, student_view
 from megatron_opd.training.packing import fixed_microbatch_plan, pack_microbatches
@@ -87,9 +88,11 @@ def _run_schedule(model: list, microbatches: list[Experience], loss_func, device
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
-    shapes = {tuple(mb.input_ids.shape) for mb in microbatches}
+    variable = len({tuple(mb.input_ids.shape) for mb in microbatches}) > 1
     # Read by the pipeline's P2P on every transfer: exchange shapes first only when they vary.
-    get_model_config(model[0]).variable_seq_lengths = len(shapes) > 1
+    get_model_config(model[0]).variable_seq_lengths = variable
+    if variable:
+        apply_p2p_shape_fix()  # Megatron crosses the two directions' shapes in a pipeline of 2 ranks
     rows, seq_len = microbatches[0].input_ids.shape  # the shape P2P uses when it does not vary
     iterators = [iter(microbatches) for _ in model]
     return get_forward_backward_func()(

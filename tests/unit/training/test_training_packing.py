@@ -104,3 +104,9 @@ def test_fixed_plan_is_todays_layout():
     assert plan == fixed_microbatch_plan(lengths, 2, 2)
     with pytest.raises(ValueError, match="do not split over 2 data-parallel ranks"):
         fixed_microbatch_plan(lengths, 2, 3)
+
+
+def test_padding_fraction_reaches_the_step_metrics():
+    from megatron_opd.training.metrics import derive_step_metrics
+
+    assert derive_step_metrics({"tokens": 10.0, "padding_fraction": 0.125}, 1.0)["padding_fraction"] == 0.125
