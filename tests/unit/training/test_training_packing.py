@@ -53,6 +53,13 @@ def test_every_sequence_once_budget_counts_and_balance(n, dp, budget, seed):
     assert plan.padding_fraction == pytest.approx(_brute_padding(lengths, plan), abs=1e-12)
 
 
+@pytest.mark.parametrize("count,dp,budget", [(256, 2, 32768), (256, 4, 32768), (512, 8, 16384), (64, 2, 16384)])
+def test_dp_loads_within_five_percent_on_long_tailed_lengths(count, dp, budget):
+    for seed in range(5):
+        loads = pack_microbatches(lognormal_lengths(count, seed), dp, budget).rank_loads()
+        assert max(loads) / min(loads) <= 1.05, (seed, loads)
+
+
 def test_deterministic_and_multiple_of_the_pipeline():
     lengths = lognormal_lengths(100, seed=3)
     a = pack_microbatches(lengths, 2, 20000, microbatch_multiple=2)
