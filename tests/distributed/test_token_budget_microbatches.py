@@ -1,6 +1,6 @@
 """Token-budget micro-batches (--max-tokens-per-micro-batch) through the real trainer pieces (Megatron GPTModel,
 DDP, the pipeline schedule, the sampled-token loss with block drift gates and the exact mean normalisation) on
-2 gloo ranks, at DP=2, PP=2 and PP=2×VPP=2:
+2 gloo ranks, at DP=2, PP=2, PP=2×VPP=2 and TP=2 with sequence parallelism (lengths padded to multiples of 2):
 
 - the finalised gradients equal those of fixed micro-batches on the same minibatch (fp32, |Δ| ≤ 1e-5 × the
   largest gradient entry), with a different number of rows and tokens per rank and micro-batches of several
@@ -18,12 +18,13 @@ import torch
 from megatron_opd.platform.spawn import run_spawned
 
 LAYOUTS = [{}, {"pipeline_model_parallel_size": 2},
-           {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}]
+           {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2},
+           {"tensor_model_parallel_size": 2, "sequence_parallel": True}]
 NUM_SEQS, MICRO_BATCH, BUDGET = 8, 2, 45
 GRAD_TOL, LOGPROB_TOL = 1e-5, 1e-5
 
 
-def _experience(vocab: int):
+def _experience(vocab: int, pad_to_multiple: int):
     from megatron_opd.training.experience import Experience
 
     gen = torch.Generator().manual_seed(7)
@@ -31,6 +32,7 @@ def _experience(vocab: int):
     response_lens = torch.randint(1, 13, (NUM_SEQS,), generator=gen)
     response_lens[3] = 12  # rows of very different lengths
     seq_len, resp_len = int((prompt_lens + response_lens).max()), int(response_lens.max())
+    seq_len = -(-seq_len // pad_to_multiple) * pad_to_multiple
     input_ids = torch.zeros(NUM_SEQS, seq_len, dtype=torch.long)
     response_ids = torch.zeros(NUM_SEQS, resp_len, dtype=torch.long)
     for i in range(NUM_SEQS):
@@ -41,7 +43,7 @@ def _experience(vocab: int):
     return Experience(input_ids=input_ids, prompt_lens=prompt_lens, response_lens=response_lens,
                       response_ids=response_ids, loss_mask=valid & (torch.rand(valid.shape, generator=gen) > 0.1),
                       truncated=torch.zeros(NUM_SEQS, dtype=torch.bool),
-                      teacher_logprobs=-3 * torch.rand(NUM_SEQS, resp_len, generator=gen))
+                      teacher_logprobs=-3 * torch.rand(NUM_SEQS, resp_len, generator=gen), pad_to_multiple=pad_to_multiple)
 
 
 def _grads(student) -> torch.Tensor:
@@ -76,7 +78,7 @@ def _check_layout(layout, student_dir):
     loss = MicrobatchLoss(LossSettings(objective="sampled", gate=gate, vocab_size=student.vocab_size),
                           state.tp_group, state.dp_cp_group)
     holder.append(loss)
-    exp = _experience(student.vocab_size)
+    exp = _experience(student.vocab_size, state.tp_size if layout.get("sequence_parallel") else 1)
     everything = [torch.arange(NUM_SEQS)]
     fixed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH)
     packed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, max_tokens=BUDGET)
@@ -108,7 +110,8 @@ def _check_layout(layout, student_dir):
     result.update(bit_exact_with_today=bool(torch.equal(today, fixed)) and today_scale == fixed_scale,
                   grad_diff=(fixed - packed).abs().max().item(), grad_scale=fixed.abs().max().item(),
                   gate_scales=[fixed_scale, packed_scale],
-                  shapes=[list(mb.input_ids.shape) for mb in microbatches], padding=padding)
+                  shapes=[list(mb.input_ids.shape) for mb in microbatches], padding=padding,
+                  pad_to_multiple=exp.pad_to_multiple)
     return result
 
 
@@ -141,6 +144,7 @@ def test_token_budget_gradients_equal_fixed_microbatches(tmp_path):
         if r["zero_drift_max"] is not None:  # the last pipeline stage
             assert r["zero_drift_max"] == 0.0, f"first step after the recompute drifts at {where}"
         assert all(s[0] * s[1] <= BUDGET or s[0] == 1 for s in r["shapes"]), r["shapes"]
+        assert all(s[1] % r["pad_to_multiple"] == 0 for s in r["shapes"]), r["shapes"]
         assert len({tuple(s) for s in r["shapes"]}) > 1, f"micro-batches of one shape only at {where}: {r['shapes']}"
     dp = [r for r in results if r["layout"] == {}]
     rows_per_rank = [sum(s[0] for s in r["shapes"]) for r in dp]
