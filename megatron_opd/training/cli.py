@@ -40,6 +40,8 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--adam-beta2": ("optim", "adam_beta2", None, "Adam beta2"),
     "--train-iters": ("optim", "train_iters", None, "optimizer steps of the run"),
     "--micro-batch-size": ("optim", "micro_batch_size", None, "sequences per forward on one DP rank"),
+    "--max-tokens-per-micro-batch": ("optim", "max_tokens_per_micro_batch", None,
+                                     "token budget per micro-batch, sequences grouped by length (0: --micro-batch-size)"),
     "--seed": ("optim", "seed", None, "random seed (model init, sampling, shuffling)"),
     # checkpoints
     "--save": ("checkpoint", "save", str, "checkpoint directory"),

@@ -54,7 +54,10 @@ class OptimConfig:
     train_iters: int = 200
     """Optimizer steps of the whole run (each rollout gives epochs × minibatches of them)."""
     micro_batch_size: int = 1
-    """Sequences per forward pass on one data-parallel rank."""
+    """Sequences per forward pass on one data-parallel rank (when --max-tokens-per-micro-batch is 0)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget per micro-batch ("dynamic batch size"): sequences grouped by length with rows × padded
+    length <= this, DP ranks balanced by tokens (training/packing.py); 0: fixed --micro-batch-size."""
     seed: int = 1234
 
     def __post_init__(self):
@@ -65,6 +68,7 @@ class OptimConfig:
         _require(self.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
         _require(self.train_iters > 0, f"--train-iters must be > 0, got {self.train_iters}")
         _require(self.micro_batch_size > 0, "--micro-batch-size must be > 0")
+        _require(self.max_tokens_per_micro_batch >= 0, "--max-tokens-per-micro-batch must be >= 0 (0: off)")
         _require(self.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)")
         _require(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam-beta1/2 must be in [0, 1)")
 
@@ -204,8 +208,9 @@ class OPDConfig:
         if obj.objective == "sft":
             _require(self.gate.granularity == "none", "--objective sft has no behaviour policy: set --gate none")
         per_step = eng.prompts_per_rollout * (1 if obj.objective == "sft" else eng.samples_per_prompt)
+        fixed_microbatches = not self.optim.max_tokens_per_micro_batch
         _require(per_step % obj.minibatches_per_rollout == 0 and
-                 (per_step // obj.minibatches_per_rollout) % self.optim.micro_batch_size == 0,
+                 (not fixed_microbatches or (per_step // obj.minibatches_per_rollout) % self.optim.micro_batch_size == 0),
                  f"a minibatch of {per_step} / {obj.minibatches_per_rollout} sequences (--prompts-per-rollout × "
                  f"--samples-per-prompt / --minibatches-per-rollout) must be a multiple of --micro-batch-size "
                  f"{self.optim.micro_batch_size}")

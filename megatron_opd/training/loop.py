@@ -65,7 +65,8 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
                  for epoch in range(obj.epochs_per_rollout)]
         t1 = time.perf_counter()
         if obj.objective != "sft":
-            exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size)
+            exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size,
+                                                   cfg.optim.max_tokens_per_micro_batch)
                                 if obj.logprob_source == "recompute" else exp.engine_logprobs)
             if obj.logprob_source == "recompute":
                 batch_metrics.update(engine_logprob_gap(exp))
@@ -76,8 +77,8 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
                 if step >= cfg.optim.train_iters:
                     break
                 t_step = time.perf_counter()
-                sums = train_step(run.student, run.loss, exp.select(indices), state,
-                                  cfg.optim.micro_batch_size, REPORT_KEYS)
+                sums = train_step(run.student, run.loss, exp.select(indices), state, cfg.optim.micro_batch_size,
+                                  REPORT_KEYS, cfg.optim.max_tokens_per_micro_batch)
                 metrics = derive_step_metrics(sums, run.loss.step_gate_scale)
                 bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
                 if bad_in_a_row >= cfg.log.max_bad_steps:

@@ -1,8 +1,16 @@
 """One optimizer step, and the forward-only log-prob recompute, through Megatron's pipeline schedule.
 
-Both split the (already chosen) minibatch over the data-parallel ranks, then into micro-batches
-of equal sequence length (pipeline P2P needs fixed shapes), and call Megatron's
-``get_forward_backward_func`` so TP/PP/VPP/SP work the same as in any Megatron job.
+Both split the (already chosen) minibatch over the data-parallel ranks and into micro-batches, and
+call Megatron's ``get_forward_backward_func`` so TP/PP/VPP/SP work the same as in any Megatron job.
+
+Micro-batches (``local_microbatches``): by default blocks of ``--micro-batch-size`` rows of one
+sequence length per rank; with ``--max-tokens-per-micro-batch`` the token-budget plan of
+``training/packing.py``, each micro-batch trimmed to its own longest row. Micro-batches of different
+shapes make the pipeline exchange shapes before each P2P transfer (``variable_seq_lengths``).
+Ranks may hold different numbers of rows and tokens: the gradients are still exact, because the
+loss returns sums and Megatron's ``finalize_model_grads`` (once per step, after the last micro-batch)
+all-reduces the gradients and the valid-token count over DP, and the gate rescale all-reduces Σm
+and Σmg (``training/loss.py``).
 """
 
 from __future__ import annotations
@@ -14,8 +22,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.platform import ParallelState
+from megatron_opd.platform.p2p_shapes import apply_p2p_shape_fix
 from megatron_opd.training.experience import Experience
 from megatron_opd.training.loss import MicrobatchLoss, student_view
+from megatron_opd.training.packing import fixed_microbatch_plan, pack_microbatches
 
 
 def causal_mask(seq_len: int, device) -> torch.Tensor:
@@ -52,16 +62,44 @@ def _forward_step(loss_func, device, data_iterator, model):
     return output, partial(loss_func, mb)
 
 
-def _run_schedule(model: list, microbatches: list[Experience], loss_func, micro_batch_size: int, device,
-                  forward_only: bool):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+def local_microbatches(minibatch: Experience, state: ParallelState, micro_batch_size: int,
+                       max_tokens: int | None, microbatch_multiple: int = 1):
+    """This data-parallel rank's micro-batches, their row indices into ``minibatch``, and the padding
+    fraction of the whole minibatch's layout (every rank computes the same plan from the lengths)."""
+    lengths = (minibatch.prompt_lens + minibatch.response_lens).tolist()
+    if not max_tokens:  # today's layout, unchanged
+        rows = rank_rows(minibatch.num_sequences, state)
+        microbatches = split_microbatches(minibatch.select(rows), micro_batch_size)
+        padding = fixed_microbatch_plan(lengths, state.dp_size, micro_batch_size,
+                                        minibatch.pad_to_multiple).padding_fraction
+        return microbatches, list(rows.split(micro_batch_size)), padding
+    plan = pack_microbatches(lengths, state.dp_size, max_tokens, pad_to_multiple=minibatch.pad_to_multiple,
+                             microbatch_multiple=microbatch_multiple)
+    rows = [torch.tensor(mb.rows) for mb in plan.ranks[state.dp_rank]]
+    return [minibatch.select(r) for r in rows], rows, plan.padding_fraction
 
+
+def _microbatch_multiple(model: list, state: ParallelState) -> int:
+    # Megatron's interleaved (VPP) schedule runs micro-batches in groups of the pipeline size.
+    return state.pp_size if len(model) > 1 else 1
+
+
+def _run_schedule(model: list, microbatches: list[Experience], loss_func, device, forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
+
+    variable = len({tuple(mb.input_ids.shape) for mb in microbatches}) > 1
+    # Read by the pipeline's P2P on every transfer: exchange shapes first only when they vary.
+    get_model_config(model[0]).variable_seq_lengths = variable
+    if variable:
+        apply_p2p_shape_fix()  # Megatron crosses the two directions' shapes in a pipeline of 2 ranks
+    rows, seq_len = microbatches[0].input_ids.shape  # the shape P2P uses when it does not vary
     iterators = [iter(microbatches) for _ in model]
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_func, device),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model, num_microbatches=len(microbatches),
-        seq_length=microbatches[0].input_ids.shape[1], micro_batch_size=micro_batch_size,
+        seq_length=seq_len, micro_batch_size=rows,
         forward_only=forward_only)
 
 
@@ -105,20 +143,31 @@ def reduce_reports(local: dict[str, float], state: ParallelState, keys: list[str
             for i, k in enumerate(keys) if present[i] > 0}
 
 
-def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
-               micro_batch_size: int, report_keys: list[str]) -> dict[str, float]:
-    """Forward/backward over the minibatch, gate normalisation, clip, optimizer and LR step.
-
-    A non-finite loss skips the optimizer step (``skipped`` = 1 in the result).
-    """
-    local = minibatch.select(rank_rows(minibatch.num_sequences, state))
-    microbatches = split_microbatches(local, micro_batch_size)
+def forward_backward(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
+                     micro_batch_size: int, max_tokens: int | None = None) -> tuple[list[dict], float]:
+    """Zero the gradients and run forward/backward over this rank's micro-batches; the gradients are
+    then finalised (DP all-reduce, per-token scaling, gate rescale). Returns the micro-batch reports
+    (last pipeline stage) and the minibatch's padding fraction."""
+    microbatches, _, padding = local_microbatches(minibatch, state, micro_batch_size, max_tokens,
+                                                  _microbatch_multiple(student.model, state))
     for chunk in student.model:
         chunk.zero_grad_buffer()
     student.optimizer.zero_grad()
     loss.normalizer.reset()
-    reports = _run_schedule(student.model, microbatches, loss, micro_batch_size, state.device, forward_only=False)
+    reports = _run_schedule(student.model, microbatches, loss, state.device, forward_only=False)
+    return reports, padding
+
+
+def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
+               micro_batch_size: int, report_keys: list[str], max_tokens: int | None = None) -> dict[str, float]:
+    """Forward/backward over the minibatch, gate normalisation, clip, optimizer and LR step.
+
+    ``max_tokens``: token budget per micro-batch (None/0: fixed micro-batches of ``micro_batch_size``).
+    A non-finite loss skips the optimizer step (``skipped`` = 1 in the result).
+    """
+    reports, padding = forward_backward(student, loss, minibatch, state, micro_batch_size, max_tokens)
     result = reduce_reports(_sum_reports(reports), state, report_keys)
+    result["padding_fraction"] = padding
     if not math.isfinite(result.get("loss_sum", 0.0)):
         result["skipped"] = 1.0
         return result
@@ -131,7 +180,7 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
 
 
 def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor], state: ParallelState,
-                       micro_batch_size: int) -> torch.Tensor:
+                       micro_batch_size: int, max_tokens: int | None = None) -> torch.Tensor:
     """log π_θ(y_t) for every sequence of ``exp`` [N, T], computed with the same minibatch and
     micro-batch layout as the first epoch's training steps, so the first update of a rollout sees
     exactly zero drift."""
@@ -143,13 +192,12 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
 
     with torch.no_grad():
         for indices in minibatches:
-            rows = indices[rank_rows(len(indices), state)]
-            local = exp.select(rows)
-            reports = _run_schedule(student.model, split_microbatches(local, micro_batch_size), logprob_only,
-                                    micro_batch_size, state.device, forward_only=True)
-            if reports:  # last pipeline stage only
-                logprobs = torch.cat([r["logprobs"].cpu() for r in reports])
-                out[rows, : logprobs.shape[1]] = logprobs
+            microbatches, row_blocks, _ = local_microbatches(exp.select(indices), state, micro_batch_size,
+                                                             max_tokens, _microbatch_multiple(student.model, state))
+            reports = _run_schedule(student.model, microbatches, logprob_only, state.device, forward_only=True)
+            for rows, report in zip(row_blocks, reports):  # reports: last pipeline stage only, in order
+                logprobs = report["logprobs"].cpu()
+                out[indices[rows], : logprobs.shape[1]] = logprobs
     out = out.to(state.device)  # NCCL reduces CUDA tensors only
     for group in (state.pp_group, state.dp_cp_group):
         if dist.get_world_size(group) > 1:

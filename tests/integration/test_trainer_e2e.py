@@ -19,6 +19,9 @@ MATRIX = {
     "lsm_nogate": {"--objective": "lsm", "--gate": "none", "--topk": 8},
     "lsm_block64": {"--objective": "lsm", "--gate": "block", "--gate-block-size": 64, "--topk": 8},
     "lsm_spans": {"--objective": "lsm", "--gate": "span", "--gate-span-delimiter": ";", "--topk": 8},
+    # Token-budget micro-batches: the recompute and the first update share the packed layout.
+    "sampled_block64_packed": {"--objective": "sampled", "--gate": "block", "--gate-block-size": 64,
+                               "--max-tokens-per-micro-batch": 96},
 }
 
 
@@ -54,9 +57,10 @@ def test_runs_and_writes_metrics(matrix_runs, name):
     assert len(first) == 2 and all("time_rollout" in r and "response_length" in r for r in first)
     if name.startswith("lsm"):
         assert all(0 < r["teacher_topk_mass"] <= 1 and 0 <= r["topk_overlap"] <= 1 for r in rows)
+    assert all(0 <= r["padding_fraction"] < 1 for r in rows)
 
 
-@pytest.mark.parametrize("name", ["sampled_block64", "lsm_block64", "lsm_spans"])
+@pytest.mark.parametrize("name", ["sampled_block64", "lsm_block64", "lsm_spans", "sampled_block64_packed"])
 def test_gates_are_one_on_first_update_and_act_on_reuse(matrix_runs, name):
     rows = step_rows(read_metrics(matrix_runs / name))
     for row in rows:
@@ -74,3 +78,14 @@ def test_no_gate_reports_drift_but_no_gates(matrix_runs, name):
     rows = step_rows(read_metrics(matrix_runs / name))
     assert all("gate_min" not in r for r in rows)
     assert any(r["abs_drift_max"] > 0 for r in rows if r["update_in_rollout"] == 1)
+
+
+def test_token_budget_micro_batches_pad_less_and_train_the_same_first_step(matrix_runs):
+    """Same first rollout (same weights and seeds): the packed layout pads less, and the first step's loss
+    (zero drift, so unit gates) is the fixed layout's."""
+    fixed = step_rows(read_metrics(matrix_runs / "sampled_block64"))[0]
+    packed = step_rows(read_metrics(matrix_runs / "sampled_block64_packed"))[0]
+    assert packed["tokens"] == fixed["tokens"] and packed["response_length"] == fixed["response_length"]
+    assert packed["padding_fraction"] < fixed["padding_fraction"], (packed["padding_fraction"],
+                                                                    fixed["padding_fraction"])
+    assert packed["loss"] == pytest.approx(fixed["loss"], rel=1e-5, abs=1e-7)

@@ -19,7 +19,7 @@ def test_flag_set_is_frozen():
         "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size",
         "--context-parallel-size", "--sequence-parallel", "--distributed-timeout-minutes", "--student-hf", "--teacher-hf", "--bf16", "--lr",
         "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1",
-        "--adam-beta2", "--train-iters", "--micro-batch-size", "--seed", "--save", "--save-interval", "--keep-last",
+        "--adam-beta2", "--train-iters", "--micro-batch-size", "--max-tokens-per-micro-batch", "--seed", "--save", "--save-interval", "--keep-last",
         "--load", "--save-hf", "--export-hf-at", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
         "--minibatches-per-rollout", "--logprob-source", "--special-token-mask", "--gate", "--gate-block-size",
         "--gate-tau", "--gate-aggregation", "--gate-fn", "--gate-clip-eps", "--gate-normalization", "--gate-clip-range", "--gate-span-delimiter",
@@ -66,6 +66,7 @@ def test_flags_fill_the_sections():
     (["--max-bad-steps", "0"], "--max-bad-steps"),
     (["--export-hf-at", "x"], "--export-hf-at"),
     (["--prompts-per-rollout", "4", "--samples-per-prompt", "2", "--micro-batch-size", "3"], "--micro-batch-size"),
+    (["--max-tokens-per-micro-batch", "-1"], "--max-tokens-per-micro-batch"),
 ])
 def test_invalid_settings_name_the_flag(extra, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):
@@ -118,3 +119,11 @@ def test_help_lists_every_flag():
     text = build_parser().format_help()
     for flag in FLAGS:
         assert flag in text
+
+
+def test_token_budget_lifts_the_micro_batch_size_multiple():
+    """With --max-tokens-per-micro-batch the minibatch is packed by tokens: --micro-batch-size is unused."""
+    cfg = parse_config(BASE + ["--prompts-per-rollout", "4", "--samples-per-prompt", "2", "--micro-batch-size", "3",
+                               "--max-tokens-per-micro-batch", "4096"])
+    assert cfg.optim.max_tokens_per_micro_batch == 4096
+    assert parse_config(BASE).optim.max_tokens_per_micro_batch == 0  # off by default

@@ -36,7 +36,7 @@ class SGDLikeMegatron:
 def test_logged_lr_is_the_rate_the_step_ran_at(monkeypatch):
     weight = torch.nn.Parameter(torch.zeros(1))
 
-    def schedule(model, microbatches, loss_func, micro_batch_size, device, forward_only):
+    def schedule(model, microbatches, loss_func, device, forward_only):
         weight.grad = torch.ones(1)  # g = 1: the step moves the weight by exactly -lr
         return [{"loss_sum": torch.tensor(1.0), "tokens": torch.tensor(1.0)}]
 
