@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from megatron_opd.eval.seed_stats import format_interval, paired_difference, t_interval, verdict
+from megatron_opd.recipes.presets import PRESETS, SFT_CONTROL, default_pairs
 
 GATE_PLOT_KEYS = (("abs_drift_mean", "mean |δ| (token)"), ("gate_std", "std of normalised gate ĝ"),
                   ("gate_min", "min ĝ"), ("gate_raw_below_half", "fraction of raw gates g < 0.5"))
@@ -170,8 +171,6 @@ def _sweep_table(data: dict) -> str:
 
 
 def _control_text(data: dict) -> str:
-    from megatron_opd.recipes.variants import SFT_CONTROL
-
     runs, cal = data["results"].get(SFT_CONTROL), data.get("sft_calibration")
     if not runs or not cal:
         return ""
@@ -225,8 +224,6 @@ def format_study(data: dict, title: str) -> str:
 
 
 def _curves_by_variant(data: dict) -> dict[str, dict[int, list[float]]]:
-    from megatron_opd.recipes.variants import SFT_CONTROL
-
     n, out = data["n"], {}
     for name, runs in data["results"].items():
         if name == SFT_CONTROL:
@@ -332,8 +329,6 @@ def merge_studies(records: list[dict], preset: str | None = None) -> dict:
 
     Results are united per (variant, seed); ``preset`` (six | ablations) fixes the variant list and order,
     else it is the union in order of appearance. Commands are kept, one per input."""
-    from megatron_opd.recipes.variants import PRESETS, SFT_CONTROL, default_pairs
-
     merged = {**records[0], "results": {}, "commands": [r.get("command", "") for r in records]}
     variants = {}
     for record in records:

@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from megatron_opd.recipes.lr_sweep import parse_lr_grid
+from megatron_opd.recipes.presets import ABLATION_VARIANTS, DEFAULT_VARIANTS, default_pairs
 from megatron_opd.recipes.study_report import conclusion_lines, format_study, paired_rows, write_study_report
-from megatron_opd.recipes.variants import ABLATION_VARIANTS, DEFAULT_VARIANTS, default_pairs, parse_lr_grid
 
 T975_DF2 = 4.30265273  # t_{0.975, 2}
 
