@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(data: dict) -> dict:
         notes = Path(args.notes).read_text() if args.notes and Path(args.notes).exists() else None
-        return write_study_report({**data, "command": command, "notes": notes}, report_dir, report_name,
-                                  title=args.title)
+        places = {"WORKDIR": str(workdir), "CACHE_DIR": args.cache_dir}  # placeholders in the report
+        return write_study_report({**data, "command": command, "notes": notes, "places": places}, report_dir,
+                                  report_name, title=args.title)
 
     import torch
 
