@@ -65,7 +65,8 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
                  for epoch in range(obj.epochs_per_rollout)]
         t1 = time.perf_counter()
         if obj.objective != "sft":
-            exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size)
+            exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size,
+                                                   run.loss)
                                 if obj.logprob_source == "recompute" else exp.engine_logprobs)
             if obj.logprob_source == "recompute":
                 batch_metrics.update(engine_logprob_gap(exp))

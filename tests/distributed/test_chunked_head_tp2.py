@@ -3,7 +3,7 @@ against today's path on the whole vocabulary computed in each process: the full 
 (hidden @ W_fullᵀ / τ, masked columns −inf) fed to ``vocab_parallel_stats`` / ``vocab_parallel_topk``.
 
 Each rank holds rows [r·24, (r+1)·24) of a 48-row weight whose vocabulary has 41 real ids (padding on
-rank 1), masked ids in both shards, temperature 0.7 and chunks of 5 tokens over [S=6, B=2]. With SP
+rank 1; and 20 real ids: rank 1 holds padding only, as with a tiny vocabulary padded to 128·TP), masked ids, temperature 0.7 and chunks of 5 tokens over [S=6, B=2]. With SP
 each rank gets its 3-position slice of the sequence and must return that slice of the hidden gradient
 (Megatron's reduce-scatter); without SP the full hidden gradient (Megatron's all-reduce).
 Tolerances: fp64 1e-12; fp32 2e-5 values, 1e-4 rel / 1e-5 abs gradients (as tests/unit/ops/test_chunked_head.py).
@@ -16,48 +16,48 @@ from megatron_opd import objectives
 from megatron_opd.ops import vocab_parallel_head_stats, vocab_parallel_stats, vocab_parallel_topk
 from megatron_opd.platform.spawn import run_spawned
 
-TP, V_LOCAL, VOCAB, S, B, H, K = 2, 24, 41, 6, 2, 5, 4
-MASKED = (3, 30)
+TP, V_LOCAL, S, B, H, K = 2, 24, 6, 2, 5, 4
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 GRAD_TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 
 
-def _inputs(dtype):
+def _inputs(dtype, vocab, masked):
     gen = torch.Generator().manual_seed(3)  # identical on both ranks
     hidden = (2 * torch.randn(S, B, H, generator=gen)).to(dtype)
     weight = torch.randn(TP * V_LOCAL, H, generator=gen).to(dtype)
-    allowed = torch.tensor([i for i in range(VOCAB) if i not in MASKED])
+    allowed = torch.tensor([i for i in range(vocab) if i not in masked])
     token_ids = allowed[torch.randint(0, len(allowed), (S, B), generator=gen)]
     topk_ids = torch.stack([allowed[torch.randperm(len(allowed), generator=gen)[:K]] for _ in range(S * B)])
     topk_ids = topk_ids.view(S, B, K)
-    assert bool((topk_ids < V_LOCAL).any()) and bool((topk_ids >= V_LOCAL).any())  # ids in both shards
+    if vocab > V_LOCAL:
+        assert bool((topk_ids < V_LOCAL).any()) and bool((topk_ids >= V_LOCAL).any())  # ids in both shards
     upstream = [torch.randn(S, B, generator=gen, dtype=dtype), torch.randn(S, B, generator=gen, dtype=dtype),
                 torch.randn(S, B, K, generator=gen, dtype=dtype)]
     return hidden, weight, token_ids, topk_ids, upstream
 
 
-def _today(hidden, weight, token_ids, topk_ids, upstream):
+def _today(hidden, weight, token_ids, topk_ids, upstream, vocab, masked):
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     logits = (h @ w.t()) / 0.7
     columns = torch.zeros(w.shape[0], dtype=torch.bool)
-    columns[list(MASKED)] = True
+    columns[list(masked)] = True
     logits = logits.masked_fill(columns, float("-inf"))
-    out = vocab_parallel_stats(logits, token_ids, topk_ids, vocab_size=VOCAB)
-    _, student_top = vocab_parallel_topk(logits.detach(), K, vocab_size=VOCAB)
+    out = vocab_parallel_stats(logits, token_ids, topk_ids, vocab_size=vocab)
+    _, student_top = vocab_parallel_topk(logits.detach(), K, vocab_size=vocab)
     grads = torch.autograd.grad(sum((o * u).sum() for o, u in zip(out[:3], upstream)), (h, w))
     overlap = objectives.topk_overlap(student_top, topk_ids).to(hidden.dtype)
     return (out.logprobs, out.entropy, out.gathered_logits, out.log_normalizer, overlap), grads
 
 
-def _check(rank, dtype, sequence_parallel, group):
-    hidden, weight, token_ids, topk_ids, upstream = _inputs(dtype)
-    ref_out, (ref_grad_h, ref_grad_w) = _today(hidden, weight, token_ids, topk_ids, upstream)
+def _check(rank, dtype, sequence_parallel, group, vocab, masked):
+    hidden, weight, token_ids, topk_ids, upstream = _inputs(dtype, vocab, masked)
+    ref_out, (ref_grad_h, ref_grad_w) = _today(hidden, weight, token_ids, topk_ids, upstream, vocab, masked)
     rows = slice(rank * V_LOCAL, (rank + 1) * V_LOCAL)
     positions = slice(rank * S // TP, (rank + 1) * S // TP) if sequence_parallel else slice(None)
     h = hidden[positions].clone().requires_grad_(True)
     w = weight[rows].clone().requires_grad_(True)
     out = vocab_parallel_head_stats(h, w, token_ids, topk_ids, group, overlap_ids=topk_ids, temperature=0.7,
-                                    vocab_size=VOCAB, masked_ids=MASKED, sequence_parallel=sequence_parallel,
+                                    vocab_size=vocab, masked_ids=masked, sequence_parallel=sequence_parallel,
                                     chunk_size=5)
     grad_h, grad_w = torch.autograd.grad(sum((o * u).sum() for o, u in zip(out[:3], upstream)), (h, w))
     mine = (out.logprobs, out.entropy, out.gathered_logits, out.log_normalizer, out.topk_overlap)
@@ -73,7 +73,8 @@ def _worker(rank):
         group = dist.new_group([0, 1])
         for dtype in (torch.float64, torch.float32):
             for sequence_parallel in (False, True):
-                _check(rank, dtype, sequence_parallel, group)
+                _check(rank, dtype, sequence_parallel, group, 41, (3, 30))
+        _check(rank, torch.float64, True, group, 20, (3,))  # rank 1: padding only
     finally:
         dist.destroy_process_group()
 
