@@ -45,28 +45,35 @@ OLD_LOGIT_COPIES = 2.3  # predicted [T, V/TP] fp32 buffers of the old path: logi
 
 # ---------------------------------------------------------------- one case (runs in its own process)
 
-def build_case(tokens: int, hidden_size: int, vocab_local: int, topk: int, seed: int = 0):
-    """(hidden [1, S, H], weight [V_local, H], micro-batch, loss) of one sequence; ids below V_local."""
+def build_case(tokens: int, hidden_size: int, vocab_local: int, topk: int, seed: int = 0, device="cpu",
+               dtype=None):
+    """(hidden [1, S, H], weight [V_local, H], micro-batch, loss) of one sequence; ids below V_local.
+    Made on ``device`` (tools/gpu_check.py's chunked_head section uses it on the GPU, in bf16)."""
     import torch
 
     from megatron_opd.gating import DriftGateConfig
     from megatron_opd.training.experience import Experience
     from megatron_opd.training.loss import LossSettings, MicrobatchLoss
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)
+    dtype = dtype or torch.float32
     resp = tokens - PROMPT
-    hidden = torch.randn(1, tokens, hidden_size, generator=gen)
-    weight = torch.randn(vocab_local, hidden_size, generator=gen) * hidden_size ** -0.5
-    input_ids = torch.randint(0, vocab_local, (1, tokens), generator=gen)
-    response_ids = input_ids[:, PROMPT:].clone()
-    topk_ids = torch.randint(0, vocab_local, (1, resp, topk), generator=gen)
-    mb = Experience(input_ids=input_ids, prompt_lens=torch.tensor([PROMPT]), response_lens=torch.tensor([resp]),
-                    response_ids=response_ids, loss_mask=torch.ones(1, resp, dtype=torch.bool),
-                    truncated=torch.zeros(1, dtype=torch.bool),
-                    old_logprobs=-torch.rand(1, resp, generator=gen) - 10.0,
-                    teacher_logprobs=-torch.rand(1, resp, generator=gen) - 10.0,
+
+    def ones(*shape, kind=torch.bool):
+        return torch.ones(*shape, dtype=kind, device=device)
+
+    hidden = torch.randn(1, tokens, hidden_size, generator=gen, device=device).to(dtype)
+    weight = (torch.randn(vocab_local, hidden_size, generator=gen, device=device) * hidden_size ** -0.5).to(dtype)
+    input_ids = torch.randint(0, vocab_local, (1, tokens), generator=gen, device=device)
+    topk_ids = torch.randint(0, vocab_local, (1, resp, topk), generator=gen, device=device)
+    mb = Experience(input_ids=input_ids, prompt_lens=ones(1, kind=torch.long) * PROMPT,
+                    response_lens=ones(1, kind=torch.long) * resp, response_ids=input_ids[:, PROMPT:].clone(),
+                    loss_mask=ones(1, resp), truncated=~ones(1),
+                    old_logprobs=-torch.rand(1, resp, generator=gen, device=device) - 10.0,
+                    teacher_logprobs=-torch.rand(1, resp, generator=gen, device=device) - 10.0,
                     teacher_topk_ids=topk_ids,
-                    teacher_topk_logprobs=torch.log_softmax(torch.randn(1, resp, topk, generator=gen), -1))
+                    teacher_topk_logprobs=torch.log_softmax(torch.randn(1, resp, topk, generator=gen, device=device),
+                                                            -1))
     settings = LossSettings(objective="lsm", topk=topk, lsm_tail=True, vocab_size=vocab_local,
                             gate=DriftGateConfig(granularity="block", block_size=64))
     return hidden, weight, mb, MicrobatchLoss(settings, None, None)
