@@ -131,21 +131,27 @@ def _forward_chunks(total, weight, picked_ids, overlap_ids, plan: _HeadPlan):
     return log_z, entropy, picked, overlap
 
 
+def _selected_rows(hidden2d, rows, plan: _HeadPlan) -> torch.Tensor:
+    """The token rows the op computes: the (SP-gathered) hidden states [N, H], or only ``rows`` of them [R, H]."""
+    total = _gather_sequence(hidden2d, plan)
+    return total if rows is None else total.index_select(0, rows)
+
+
 class _HeadStatsFn(torch.autograd.Function):
-    """hidden2d [N_local, H], weight [V_local, H], picked_ids [N, J] (sampled id first when has_target),
-    overlap_ids [N, K] -> (logprobs, entropy, gathered, log Z, overlap)."""
+    """hidden2d [N_local, H], weight [V_local, H], picked_ids [R, J] (sampled id first when has_target),
+    overlap_ids [R, K], rows [R] (None: R = N, every row) -> (logprobs, entropy, gathered, log Z, overlap)."""
 
     @staticmethod
-    def forward(ctx, hidden2d, weight, picked_ids, overlap_ids, plan: _HeadPlan):
+    def forward(ctx, hidden2d, weight, picked_ids, overlap_ids, rows, plan: _HeadPlan):
         ctx.set_materialize_grads(False)
         with torch.no_grad():
-            total = _gather_sequence(hidden2d, plan)
+            total = _selected_rows(hidden2d, rows, plan)
             log_z, entropy, picked, overlap = _forward_chunks(total, weight, picked_ids, overlap_ids, plan)
         del total  # the SP-gathered copy is rebuilt in the backward (Megatron does the same)
         empty = log_z.new_empty(0)
         logprobs = picked[:, 0] - log_z if plan.has_target else empty
         gathered = picked[:, int(plan.has_target):] if picked is not None else empty
-        ctx.save_for_backward(hidden2d, weight, picked_ids, log_z, entropy)
+        ctx.save_for_backward(hidden2d, weight, picked_ids, rows, log_z, entropy)
         ctx.plan = plan
         overlap = overlap if overlap is not None else empty
         ctx.mark_non_differentiable(log_z, overlap)
@@ -153,32 +159,32 @@ class _HeadStatsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy, grad_gathered, _grad_log_z, _grad_overlap):
-        hidden2d, weight, picked_ids, log_z, entropy = ctx.saved_tensors
+        hidden2d, weight, picked_ids, rows, log_z, entropy = ctx.saved_tensors
         plan: _HeadPlan = ctx.plan
         grad_picked = _picked_grads(grad_logprobs, grad_gathered, plan.has_target, picked_ids, log_z.dtype)
         if grad_logprobs is None and grad_entropy is None and grad_picked is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         need_hidden, need_weight = ctx.needs_input_grad[:2]
-        total = _gather_sequence(hidden2d, plan)
+        total = _selected_rows(hidden2d, rows, plan)
         num_valid = plan.shard.num_valid
         grad_total = torch.zeros(total.shape, dtype=weight.dtype, device=total.device) if need_hidden else None
         # fp32 (fp64) accumulation of the weight gradient over the chunks; padding rows stay 0.
         grad_weight = torch.zeros(weight.shape, dtype=log_z.dtype, device=weight.device) if need_weight else None
-        for rows in row_chunks(total.shape[0], plan.chunk_size):
-            logits = _chunk_logits(total[rows], weight, plan)  # recompute
-            grad_z = _chunk_grad(logits, log_z[rows], entropy[rows] if entropy is not None else None,
-                                 grad_logprobs[rows] if grad_logprobs is not None else None,
-                                 grad_entropy[rows] if grad_entropy is not None else None, out=logits)
+        for part in row_chunks(total.shape[0], plan.chunk_size):
+            logits = _chunk_logits(total[part], weight, plan)  # recompute
+            grad_z = _chunk_grad(logits, log_z[part], entropy[part] if entropy is not None else None,
+                                 grad_logprobs[part] if grad_logprobs is not None else None,
+                                 grad_entropy[part] if grad_entropy is not None else None, out=logits)
             if grad_picked is not None and num_valid > 0:  # the 1[j = id] terms, owning shard only
-                scatter_owned_(grad_z, picked_ids[rows], grad_picked[rows], plan.shard)
+                scatter_owned_(grad_z, picked_ids[part], grad_picked[part], plan.shard)
             if plan.masked_columns is not None:  # masked_fill's backward: no gradient to −inf columns
                 grad_z.masked_fill_(plan.masked_columns, 0.0)
             if plan.temperature != 1.0:  # z = h Wᵀ / τ
                 grad_z.div_(plan.temperature)
             grad_z = grad_z.to(weight.dtype)
-            hidden_rows = total[rows].to(weight.dtype)
+            hidden_rows = total[part].to(weight.dtype)
             if grad_total is not None:
-                torch.mm(grad_z, weight[:num_valid], out=grad_total[rows])
+                torch.mm(grad_z, weight[:num_valid], out=grad_total[part])
             if grad_weight is not None:
                 if grad_z.dtype == grad_weight.dtype:
                     grad_weight[:num_valid].addmm_(grad_z.t(), hidden_rows)
@@ -186,10 +192,13 @@ class _HeadStatsFn(torch.autograd.Function):
                     grad_weight[:num_valid] += (grad_z.t() @ hidden_rows).to(grad_weight.dtype)
         grad_hidden = None
         if grad_total is not None:
+            if rows is not None:  # rows not computed get no gradient; repeated rows add up
+                num_rows = hidden2d.shape[0] * (plan.shard.world if plan.sequence_parallel else 1)
+                grad_total = grad_total.new_zeros(num_rows, grad_total.shape[1]).index_add_(0, rows, grad_total)
             grad_hidden = _reduce_hidden_grad(grad_total, plan).to(hidden2d.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def _check_inputs(hidden, weight, temperature) -> None:
@@ -223,6 +232,24 @@ def _check_ids(ids, name: str, lead: tuple[int, ...], shard: VocabShard, device,
     return ids.reshape(-1, ids.shape[-1]).long() if trailing else ids.reshape(-1, 1).long()
 
 
+def _check_rows(token_rows, lead: tuple[int, ...], device) -> torch.Tensor | None:
+    """token_rows as int64 [R] within the N = prod(lead) token rows, or None."""
+    if token_rows is None:
+        return None
+    if not isinstance(token_rows, torch.Tensor) or token_rows.dim() != 1 or token_rows.dtype.is_floating_point:
+        raise ValueError("token_rows must be a 1-D integer tensor of row indices into the flattened tokens")
+    if token_rows.device != device:
+        raise ValueError(f"token_rows is on {token_rows.device} but hidden is on {device}: move them to one device")
+    num_rows = 1
+    for size in lead:
+        num_rows *= size
+    if token_rows.numel() and not token_rows.is_meta:
+        low, high = int(token_rows.min()), int(token_rows.max())  # host-device sync: the range check
+        if low < 0 or high >= num_rows:
+            raise ValueError(f"token_rows holds row {low if low < 0 else high} outside the {num_rows} token rows")
+    return token_rows.long()
+
+
 def _masked_columns(masked_ids, shard: VocabShard, device) -> torch.Tensor | None:
     """[num_valid] bool of this shard's columns whose global id is in ``masked_ids``."""
     if masked_ids is None:
@@ -240,7 +267,8 @@ def vocab_parallel_head_stats(hidden: torch.Tensor, weight: torch.Tensor, token_
                               gather_ids: torch.Tensor | None = None, group=None, *,
                               overlap_ids: torch.Tensor | None = None, temperature: float = 1.0,
                               vocab_size: int | None = None, masked_ids=None, with_entropy: bool = True,
-                              sequence_parallel: bool = False, chunk_size: int | None = None) -> HeadStats:
+                              sequence_parallel: bool = False, token_rows: torch.Tensor | None = None,
+                              chunk_size: int | None = None) -> HeadStats:
     """Per-token statistics of softmax(hidden @ weightᵀ / τ) without materialising the logits.
 
     hidden: [..., H] (Megatron's [S, B, H], or [T, H]); with ``sequence_parallel`` this rank's shard of
@@ -249,9 +277,11 @@ def vocab_parallel_head_stats(hidden: torch.Tensor, weight: torch.Tensor, token_
     token_ids: [...] global ids (log π of them); gather_ids: [..., J] global ids (e.g. the teacher's
     top-K, plus the sampled id for the LSM tail bucket); overlap_ids: [..., K] (the teacher's top-K)
     for the overlap metric; masked_ids: global ids whose logits are −inf (never predicted; they must not
-    be targets). ``[...]`` is the full (gathered) leading shape. Statistics in fp32 (fp64 for fp64
-    weights), identical on every TP rank; the upstream gradients must be too. ``chunk_size``: tokens per
-    chunk (default: HEAD_CHUNK_ELEMENTS logits). Differentiable w.r.t. hidden and weight.
+    be targets). ``[...]`` is the full (gathered) leading shape. token_rows: int [R], the rows of the
+    flattened (gathered) tokens to compute, e.g. only response positions (the others cost nothing and get
+    no gradient); ids and outputs are then [R] / [R, J]. Statistics in fp32 (fp64 for fp64 weights),
+    identical on every TP rank; the upstream gradients must be too. ``chunk_size``: tokens per chunk
+    (default: HEAD_CHUNK_ELEMENTS logits). Differentiable w.r.t. hidden and weight.
     """
     _check_inputs(hidden, weight, temperature)
     shard = vocab_shard_of_width(weight.shape[0], group, vocab_size)
@@ -259,6 +289,9 @@ def vocab_parallel_head_stats(hidden: torch.Tensor, weight: torch.Tensor, token_
     lead = tuple(hidden.shape[:-1])
     if sequence_parallel:
         lead = (lead[0] * shard.world, *lead[1:])
+    rows = _check_rows(token_rows, lead, hidden.device)
+    if rows is not None:
+        lead = tuple(rows.shape)
     if chunk_size is None:  # from the padded width, the same on every TP rank (collectives per chunk)
         chunk_size = max(1, HEAD_CHUNK_ELEMENTS // max(1, shard.local_size))
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
@@ -277,7 +310,8 @@ def vocab_parallel_head_stats(hidden: torch.Tensor, weight: torch.Tensor, token_
     plan = _HeadPlan(shard, chunk_size, float(temperature), token_ids is not None, with_entropy, sequence_parallel,
                      _masked_columns(masked_ids, shard, hidden.device))
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    logprobs, entropy, gathered, log_z, overlap = _HeadStatsFn.apply(hidden2d, weight, picked_ids, overlap2d, plan)
+    logprobs, entropy, gathered, log_z, overlap = _HeadStatsFn.apply(hidden2d, weight, picked_ids, overlap2d, rows,
+                                                                     plan)
     return HeadStats(
         logprobs.view(lead) if token_ids is not None else None,
         entropy.view(lead) if with_entropy else None,

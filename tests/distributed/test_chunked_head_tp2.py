@@ -5,7 +5,8 @@ against today's path on the whole vocabulary computed in each process: the full 
 Each rank holds rows [r·24, (r+1)·24) of a 48-row weight whose vocabulary has 41 real ids (padding on
 rank 1; and 20 real ids: rank 1 holds padding only, as with a tiny vocabulary padded to 128·TP), masked ids, temperature 0.7 and chunks of 5 tokens over [S=6, B=2]. With SP
 each rank gets its 3-position slice of the sequence and must return that slice of the hidden gradient
-(Megatron's reduce-scatter); without SP the full hidden gradient (Megatron's all-reduce).
+(Megatron's reduce-scatter); without SP the full hidden gradient (Megatron's all-reduce). With SP and
+``token_rows`` (rows from both ranks' shards, one repeated) only those rows are computed.
 Tolerances: fp64 1e-12; fp32 2e-5 values, 1e-4 rel / 1e-5 abs gradients (as tests/unit/ops/test_chunked_head.py).
 """
 
@@ -67,6 +68,27 @@ def _check(rank, dtype, sequence_parallel, group, vocab, masked):
     torch.testing.assert_close(grad_w, ref_grad_w[rows], **GRAD_TOL[dtype])
 
 
+def _check_rows(rank, group):
+    """SP + token_rows: rows of the gathered sequence (both ranks' shards, one repeated) = the full path there."""
+    hidden, weight, token_ids, topk_ids, upstream = _inputs(torch.float64, 41, (3, 30))
+    rows = torch.tensor([1, 2, 2, 7, 11])  # flattened [S, B] rows: positions 0, 1, 1, 3, 5
+    sel = [u.reshape(S * B, *u.shape[2:])[rows] for u in upstream]
+    zero_elsewhere = [torch.zeros_like(u).reshape(S * B, *u.shape[2:]).index_add_(0, rows, v).view_as(u)
+                      for u, v in zip(upstream, sel)]
+    ref_out, (ref_grad_h, ref_grad_w) = _today(hidden, weight, token_ids, topk_ids, zero_elsewhere, 41, (3, 30))
+    h = hidden[rank * S // TP:(rank + 1) * S // TP].clone().requires_grad_(True)
+    w = weight[rank * V_LOCAL:(rank + 1) * V_LOCAL].clone().requires_grad_(True)
+    flat_ids, flat_top = token_ids.reshape(-1)[rows], topk_ids.reshape(-1, K)[rows]
+    out = vocab_parallel_head_stats(h, w, flat_ids, flat_top, group, overlap_ids=flat_top, temperature=0.7,
+                                    vocab_size=41, masked_ids=(3, 30), sequence_parallel=True, token_rows=rows,
+                                    chunk_size=2)
+    grad_h, grad_w = torch.autograd.grad(sum((o * u).sum() for o, u in zip(out[:3], sel)), (h, w))
+    for got, want in zip(out[:5], ref_out):
+        torch.testing.assert_close(got, want.reshape(S * B, *want.shape[2:])[rows], **TOL[torch.float64])
+    torch.testing.assert_close(grad_h, ref_grad_h[rank * S // TP:(rank + 1) * S // TP], **GRAD_TOL[torch.float64])
+    torch.testing.assert_close(grad_w, ref_grad_w[rank * V_LOCAL:(rank + 1) * V_LOCAL], **GRAD_TOL[torch.float64])
+
+
 def _worker(rank):
     dist.init_process_group("gloo")
     try:
@@ -75,6 +97,7 @@ def _worker(rank):
             for sequence_parallel in (False, True):
                 _check(rank, dtype, sequence_parallel, group, 41, (3, 30))
         _check(rank, torch.float64, True, group, 20, (3,))  # rank 1: padding only
+        _check_rows(rank, group)
     finally:
         dist.destroy_process_group()
 

@@ -182,3 +182,31 @@ def test_bad_inputs_name_the_field():
         vocab_parallel_head_stats(hidden, weight, token_ids, chunk_size=0)
     with pytest.raises(TypeError, match="token_ids must be an integer"):
         vocab_parallel_head_stats(hidden, weight, token_ids.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_rows_compute_only_those_rows(dtype):
+    """token_rows (repeats allowed) = the full computation read at those rows, gradients included."""
+    hidden, weight, token_ids, topk_ids, gen = _case(dtype)
+    rows = torch.tensor([0, 4, 5, 5, 17, 20])  # of the S·B = 21 flattened [S, B] rows
+    upstream = [torch.randn(len(rows), generator=gen, dtype=dtype), torch.randn(len(rows), generator=gen, dtype=dtype),
+                torch.randn(len(rows), K, generator=gen, dtype=dtype)]
+    results = []
+    for selected in (True, False):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if selected:
+            out = vocab_parallel_head_stats(h, w, token_ids.reshape(-1)[rows], topk_ids.reshape(-1, K)[rows],
+                                            overlap_ids=topk_ids.reshape(-1, K)[rows], vocab_size=VOCAB,
+                                            token_rows=rows, chunk_size=4)
+            outputs = out[:5]
+        else:
+            out = vocab_parallel_head_stats(h, w, token_ids, topk_ids, overlap_ids=topk_ids, vocab_size=VOCAB,
+                                            chunk_size=4)
+            outputs = [t.reshape(S * B, *t.shape[2:])[rows] for t in out[:5]]
+        loss = sum((o * u).sum() for o, u in zip(outputs[:3], upstream))
+        results.append((*outputs, *torch.autograd.grad(loss, (h, w))))
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine, theirs, **GRAD_TOL[dtype])
+    assert results[0][5].reshape(S * B, H)[[1, 2, 3]].abs().max() == 0  # rows not asked for: no gradient
+    with pytest.raises(ValueError, match="token_rows holds row 21"):
+        vocab_parallel_head_stats(hidden, weight, token_ids.reshape(-1)[:1], token_rows=torch.tensor([21]))
