@@ -141,15 +141,12 @@ def student_view(output: torch.Tensor, mb: Experience, tp_group, vocab_size: int
 
     output: the (vocab-sharded) logits [b, S, V/tp] when ``head`` is None; else the final hidden states
     [b, S, H] ([b, S/tp, H] with sequence parallelism) and ``head`` the output layer: the chunked head
-    then never materialises the logits."""
+    then never materialises the logits, and computes only the response tokens (other slots hold 0)."""
     labels, support_full, positions = _labels_and_support(mb, with_support, output.device)
-    if head is None:
-        stats = ops.vocab_parallel_stats(output, labels, gather_ids=support_full, group=tp_group,
-                                         vocab_size=vocab_size)
-        overlap = topk_overlap_metric(output, mb, tp_group, vocab_size) if with_overlap else None
-    else:
-        stats, overlap = _chunked_head_stats(output, head, labels, support_full, mb, tp_group, vocab_size,
-                                             with_overlap)
+    if head is not None:
+        return _chunked_head_stats(output, head, labels, support_full, mb, tp_group, vocab_size, with_overlap)
+    stats = ops.vocab_parallel_stats(output, labels, gather_ids=support_full, group=tp_group, vocab_size=vocab_size)
+    overlap = topk_overlap_metric(output, mb, tp_group, vocab_size) if with_overlap else None
     return StudentView(logprobs=response_view(stats.logprobs, positions),
                        entropy=response_view(stats.entropy, positions),
                        log_normalizer=response_view(stats.log_normalizer, positions),
@@ -158,22 +155,29 @@ def student_view(output: torch.Tensor, mb: Experience, tp_group, vocab_size: int
 
 
 def _chunked_head_stats(hidden, head: HiddenHead, labels, support_full, mb, tp_group, vocab_size, with_overlap):
-    """The chunked head on Megatron's [S, b, H] layout (SP shards dim 0); stats back as [b, S, ...]."""
-    def seq_first(t):
-        return None if t is None else t.transpose(0, 1)
-
-    overlap_ids = None
-    if with_overlap:
-        overlap_ids = support_full[..., : mb.teacher_topk_ids.shape[-1]]  # (b, S, K): teacher top-K
+    """The chunked head on Megatron's [S, b, H] layout (SP shards dim 0), computed only at the response
+    tokens each sequence really has (not the prompt, not the right padding); stats as [b, T, ...] with
+    zeros at the other response slots (the loss mask is False there)."""
+    batch, num_steps = mb.response_ids.shape
+    valid = torch.arange(num_steps, device=hidden.device)[None, :] < mb.response_lens[:, None]  # (b, T)
+    seq, step = valid.nonzero(as_tuple=True)  # host-device sync: the number of response tokens
+    positions = mb.response_positions()[seq, step]  # the position whose logits predict each token
+    rows = positions * batch + seq  # rows of the flattened [S, b] tokens
+    support = None if support_full is None else support_full[seq, positions]  # (R, K+1)
+    overlap_ids = mb.teacher_topk_ids[seq, step] if with_overlap else None  # (R, K)
     stats = ops.vocab_parallel_head_stats(
-        seq_first(hidden), head.weight, seq_first(labels), seq_first(support_full), tp_group,
-        overlap_ids=seq_first(overlap_ids), vocab_size=vocab_size, sequence_parallel=head.sequence_parallel,
-        chunk_size=head.chunk_tokens)
-    stats = ops.HeadStats(*(None if t is None else t.transpose(0, 1) for t in stats))
-    overlap = None
-    if with_overlap:
-        overlap = response_view(stats.topk_overlap, mb.response_positions())
-    return stats, overlap
+        hidden.transpose(0, 1), head.weight, labels[seq, positions], support, tp_group, overlap_ids=overlap_ids,
+        vocab_size=vocab_size, sequence_parallel=head.sequence_parallel, token_rows=rows, chunk_size=head.chunk_tokens)
+
+    def slots(values):  # (R, ...) -> (b, T, ...), differentiable
+        if values is None:
+            return None
+        empty = values.new_zeros(batch, num_steps, *values.shape[1:])
+        return empty.index_put((seq, step), values)
+
+    return StudentView(logprobs=slots(stats.logprobs), entropy=slots(stats.entropy),
+                       log_normalizer=slots(stats.log_normalizer), at_support=slots(stats.gathered_logits),
+                       topk_overlap=slots(stats.topk_overlap))
 
 
 def position_loss(settings: LossSettings, view: StudentView, mb: Experience):

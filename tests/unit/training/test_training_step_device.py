@@ -59,7 +59,15 @@ def test_microbatch_loss_runs_on_the_model_device(objective, granularity, normal
 
 @pytest.mark.parametrize("objective", ["lsm", "sampled"])
 def test_chunked_head_loss_runs_on_the_model_device(objective):
-    """The chunked head (hidden states + output weight, the trainer's default) on the device too."""
+    """The chunked head (hidden states + output weight, the trainer's default) on the device too. Meta tensors
+    hold no values, so ``nonzero`` (which response slots are real tokens) is told to take them all."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        _chunked_head_loss_on_meta(objective)
+
+
+def _chunked_head_loss_on_meta(objective):
     mb = host_microbatch().to(META)
     settings = LossSettings(objective=objective, vocab_size=VOCAB, topk=K, ppo_clip=0.2, lsm_tail=True,
                             gate=DriftGateConfig(granularity="block", block_size=4), head_chunk_tokens=5)
