@@ -18,7 +18,8 @@ backward it reads the high-water mark ``VmHWM``. Peak = VmHWM − that RSS: ever
 touched at the worst moment, gradients of hidden and weight included (torch's CPU allocator returns large
 blocks to the OS, so RSS follows live tensors; tracemalloc would not see torch's allocations at all).
 Time: the best of ``--repeats`` forward + backward runs in that process. A case whose predicted need exceeds
-``--memory-fraction`` of MemAvailable is not run; the script says so and why.
+``--memory-fraction`` of MemAvailable is not run; the script says so and why, and for the old path prints
+numbers extrapolated linearly in T from its largest measured T at that TP (marked "est.").
 
     .venv/bin/python benchmarks/bench_long_context.py                 # T = 4k, 16k, 32k; TP = 1, 2
     .venv/bin/python benchmarks/bench_long_context.py --tiny          # seconds, in one process: the test suite's run
@@ -175,11 +176,25 @@ def measure(impl: str, tokens: int, tp: int, args) -> tuple[dict | None, str]:
 def _cell(result, key):
     if result is None:
         return "skipped"
-    return f"{result[key] / GIB:.3f} GiB" if key == "peak" else f"{result[key]:.2f} s"
+    text = f"{result[key] / GIB:.3f} GiB" if key == "peak" else f"{result[key]:.2f} s"
+    return text + (" est." if result.get("estimated") else "")
 
 
 def _ratio(new, old, key):
-    return "n/a" if new is None or old is None or not old[key] else f"{new[key] / old[key]:.3f}"
+    if new is None or old is None or not old[key]:
+        return "n/a"
+    return f"{new[key] / old[key]:.3f}" + (" est." if old.get("estimated") else "")
+
+
+def extrapolate_old(measured: dict, tokens: int, tp: int, args) -> dict | None:
+    """The old path at ``tokens`` from its largest measured T at this TP: everything but the weight gradient
+    ([V/TP, H] fp32, fixed) scales linearly in T (logits, their gradient, the op temporaries; the matmuls)."""
+    if measured is None:
+        return None
+    scale = tokens / measured["tokens"]
+    weight_grad = args.padded_vocab // tp * args.hidden * 4
+    return {"peak": (measured["peak"] - weight_grad) * scale + weight_grad, "time": measured["time"] * scale,
+            "estimated": True}
 
 
 def memory_time_section(args) -> list[dict]:
@@ -188,16 +203,20 @@ def memory_time_section(args) -> list[dict]:
           f"{args.threads} thread(s), best of {args.repeats}; chunk={args.chunk_tokens or 'default'} tokens")
     print("| T | TP | old peak | new peak | peak new/old | old time | new time | time new/old |")
     print("|---|---|---|---|---|---|---|---|")
-    rows, notes = [], []
+    rows, notes, largest_old = [], [], {}
     for tokens in args.tokens:
         for tp in args.tp:
             old, why = measure("old", tokens, tp, args)
+            if old:
+                largest_old[tp] = {**old, "tokens": tokens}
             if why:
-                notes.append(why)
+                old = extrapolate_old(largest_old.get(tp), tokens, tp, args)
+                notes.append(why + ("; its numbers (est.) are extrapolated linearly in T from T="
+                                    f"{largest_old[tp]['tokens']}" if old else ""))
             new, why = measure("new", tokens, tp, args)
             if why:
                 notes.append(why)
-            if old and new and abs(old["loss"] - new["loss"]) > 1e-4 * max(1.0, abs(old["loss"])):
+            if old and new and "loss" in old and abs(old["loss"] - new["loss"]) > 1e-4 * max(1.0, abs(old["loss"])):
                 raise RuntimeError(f"T={tokens} TP={tp}: the two paths' losses differ: {old['loss']} vs {new['loss']}")
             rows.append({"tokens": tokens, "tp": tp, "old": old, "new": new})
             print(f"| {tokens} | {tp} | {_cell(old, 'peak')} | {_cell(new, 'peak')} | {_ratio(new, old, 'peak')} | "

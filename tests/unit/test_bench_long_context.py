@@ -47,3 +47,12 @@ def test_tiny_run_prints_every_section():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(rows) == 4 and all("skipped" not in row for row in rows), proc.stdout
     assert "fixed micro-batches of 4 rows" in proc.stdout
+
+
+def test_old_path_extrapolation_scales_all_but_the_weight_gradient():
+    bench = _bench()
+    args = bench.parse_args(["--hidden", "4", "--padded-vocab", "16"])  # weight gradient at TP 2: 8·4·4 = 128 B
+    measured = {"tokens": 100, "peak": 1128.0, "time": 3.0}
+    est = bench.extrapolate_old(measured, 400, 2, args)
+    assert est == {"peak": 1000.0 * 4 + 128, "time": 12.0, "estimated": True}
+    assert bench.extrapolate_old(None, 400, 2, args) is None
