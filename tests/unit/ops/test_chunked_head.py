@@ -210,3 +210,27 @@ def test_token_rows_compute_only_those_rows(dtype):
     assert results[0][5].reshape(S * B, H)[[1, 2, 3]].abs().max() == 0  # rows not asked for: no gradient
     with pytest.raises(ValueError, match="token_rows holds row 21"):
         vocab_parallel_head_stats(hidden, weight, token_ids.reshape(-1)[:1], token_rows=torch.tensor([21]))
+
+
+def test_bf16_weights_match_the_materialised_bf16_path():
+    """bf16 (the GPU trainer): the matmul in bf16 like Megatron's layer, statistics in fp32, the weight
+    gradient summed over chunks in fp32. Tolerances: values 1e-3 abs (both sides round the same bf16
+    logits), gradients 2e-2 of their largest entry (bf16 matmuls, rounded per chunk here, once there)."""
+    hidden, weight, token_ids, topk_ids, gen = _case(torch.float32)
+    upstream = [torch.randn(S, B, generator=gen), torch.randn(S, B, generator=gen), torch.randn(S, B, K, generator=gen)]
+    results = []
+    for chunked in (True, False):
+        h, w = hidden.bfloat16().requires_grad_(True), weight.bfloat16().requires_grad_(True)
+        if chunked:
+            out = vocab_parallel_head_stats(h, w, token_ids, topk_ids, vocab_size=VOCAB, chunk_size=5)
+        else:
+            out = vocab_parallel_stats(h @ w.t(), token_ids, topk_ids, vocab_size=VOCAB)
+        loss = sum((o * u).sum() for o, u in zip(out[:3], upstream))
+        results.append((*out[:4], *torch.autograd.grad(loss, (h, w))))
+    for index, (mine, theirs) in enumerate(zip(*results)):
+        assert mine.dtype == theirs.dtype
+        if index < 4:
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-3)
+        else:
+            scale = theirs.float().abs().max().item()
+            assert (mine.float() - theirs.float()).abs().max().item() <= 2e-2 * scale
