@@ -1,7 +1,7 @@
 """Long reasoning traces (issue 17): peak memory and time of the trainer's head + loss, forward + backward,
 today's path (materialised logits) against the chunked head, side by side; and the padding of micro-batches.
 
-Workload: Qwen3-1.7B's head (H = 2048, V = 151,936 padded to 152,064 at TP 2), one sequence of T tokens
+Workload: Qwen3-1.7B's head (H = 2048, V = 151,936; 152,064 padded at TP 2), one sequence of T tokens
 (16-token prompt), fp32 on the CPU, the trainer's own loss code (``training.loss.MicrobatchLoss``: LSM with
 K = 32 and the tail bucket, top-K overlap, Block64 drift gate, entropy). "old" = ``hidden @ Wᵀ`` (what
 Megatron's output layer computes) then the loss on the logits (``--no-chunked-head``); "new" = the loss on
@@ -92,6 +92,12 @@ def head_loss_step(impl: str, hidden, weight, mb, loss, chunk_tokens=None) -> fl
     return float(loss_sum.detach())
 
 
+def local_vocab(vocab: int, tp: int) -> int:
+    """Columns of one TP rank: the vocabulary padded to a multiple of 128·TP (Megatron's rule), over TP."""
+    multiple = 128 * tp
+    return -(-vocab // multiple) * multiple // tp
+
+
 def _read_status(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -112,7 +118,7 @@ def run_case(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    vocab_local = args.padded_vocab // args.case_tp
+    vocab_local = local_vocab(args.vocab, args.case_tp)
     hidden, weight, mb, loss = build_case(args.case_tokens, args.hidden, vocab_local, args.topk)
     hidden.requires_grad_(True)
     weight.requires_grad_(True)
@@ -139,7 +145,7 @@ def _available_bytes() -> int:
 
 def predicted_bytes(impl: str, tokens: int, tp: int, args) -> float:
     """Rough peak of one case, to skip what cannot fit (weight gradient included)."""
-    vocab_local = args.padded_vocab // tp
+    vocab_local = local_vocab(args.vocab, tp)
     weight_grad = vocab_local * args.hidden * 4
     if impl == "old":
         return OLD_LOGIT_COPIES * tokens * vocab_local * 4 + weight_grad
@@ -153,7 +159,7 @@ def launch_case(impl: str, tokens: int, tp: int, args) -> dict:
     if args.tiny:
         return run_case(argparse.Namespace(**{**vars(args), "case_impl": impl, "case_tokens": tokens, "case_tp": tp}))
     cmd = [sys.executable, __file__, "--case-impl", impl, "--case-tokens", str(tokens), "--case-tp", str(tp),
-           "--hidden", str(args.hidden), "--padded-vocab", str(args.padded_vocab), "--topk", str(args.topk),
+           "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--topk", str(args.topk),
            "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if args.chunk_tokens:
         cmd += ["--chunk-tokens", str(args.chunk_tokens)]
@@ -192,14 +198,14 @@ def extrapolate_old(measured: dict, tokens: int, tp: int, args) -> dict | None:
     if measured is None:
         return None
     scale = tokens / measured["tokens"]
-    weight_grad = args.padded_vocab // tp * args.hidden * 4
+    weight_grad = local_vocab(args.vocab, tp) * args.hidden * 4
     return {"peak": (measured["peak"] - weight_grad) * scale + weight_grad, "time": measured["time"] * scale,
             "estimated": True}
 
 
 def memory_time_section(args) -> list[dict]:
     """Peak memory and time of head + loss fwd+bwd, old vs new, per (T, TP); prints a table; returns rows."""
-    print(f"## head + loss, forward + backward: H={args.hidden} V_pad={args.padded_vocab} K={args.topk} fp32, "
+    print(f"## head + loss, forward + backward: H={args.hidden} V={args.vocab} K={args.topk} fp32, "
           f"{args.threads} thread(s), best of {args.repeats}; chunk={args.chunk_tokens or 'default'} tokens")
     print("| T | TP | old peak | new peak | peak new/old | old time | new time | time new/old |")
     print("|---|---|---|---|---|---|---|---|")
@@ -266,8 +272,7 @@ def parse_args(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--padded-vocab", type=int, default=152064,
-                        help="Qwen3's 151,936 padded by Megatron to a multiple of 128·TP (TP 2: 152,064)")
+    parser.add_argument("--vocab", type=int, default=151_936, help="vocabulary (Megatron pads it to 128·TP)")
     parser.add_argument("--topk", type=int, default=32)
     parser.add_argument("--chunk-tokens", type=int, default=None, help="chunked head's tokens per chunk")
     parser.add_argument("--repeats", type=int, default=2)
@@ -282,7 +287,7 @@ def parse_args(argv=None):
     parser.add_argument("--case-tp", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tiny:
-        args.tokens, args.hidden, args.padded_vocab, args.topk, args.repeats = [96, 160], 32, 512, 4, 1
+        args.tokens, args.hidden, args.vocab, args.topk, args.repeats = [96, 160], 32, 500, 4, 1
         args.chunk_tokens, args.threads, args.padding_sequences = 40, 1, 64
     return args
 

@@ -51,8 +51,9 @@ def test_tiny_run_prints_every_section():
 
 def test_old_path_extrapolation_scales_all_but_the_weight_gradient():
     bench = _bench()
-    args = bench.parse_args(["--hidden", "4", "--padded-vocab", "16"])  # weight gradient at TP 2: 8·4·4 = 128 B
-    measured = {"tokens": 100, "peak": 1128.0, "time": 3.0}
+    args = bench.parse_args(["--hidden", "4", "--vocab", "200"])  # TP 2: 256 / 2 = 128 rows, gradient 2 KiB
+    assert bench.local_vocab(151_936, 1) == 151_936 and bench.local_vocab(151_936, 2) == 76_032
+    measured = {"tokens": 100, "peak": 3048.0, "time": 3.0}
     est = bench.extrapolate_old(measured, 400, 2, args)
-    assert est == {"peak": 1000.0 * 4 + 128, "time": 12.0, "estimated": True}
+    assert est == {"peak": 1000.0 * 4 + 2048, "time": 12.0, "estimated": True}
     assert bench.extrapolate_old(None, 400, 2, args) is None
