@@ -43,8 +43,9 @@ def emit_hidden_states(model):
         yield None
         return
     layer = gpt.output_layer
-    if getattr(layer, "bias", None) is not None:
-        raise ValueError("emit_hidden_states: the output layer has a bias, which the chunked head does not add")
+    if getattr(layer, "bias", None) is not None or getattr(gpt, "mtp_process", False):
+        raise ValueError("emit_hidden_states: an output-layer bias or multi-token prediction (which reuses the output "
+                         "layer for its own logits) is not supported by the chunked head: use --no-chunked-head")
     layer.forward = _identity_output_layer  # instance attribute: shadows the class's forward
     try:
         yield weight
