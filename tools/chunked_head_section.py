@@ -34,7 +34,7 @@ class HeadSizes:
 
 
 FULL_HEAD = HeadSizes(hidden=2048, vocab=151_936, topk=32, tokens=(4096, 16384, 32768), max_tokens=1 << 20,
-                      repeats=3, time_bound_s=40.0)
+                      repeats=3, time_bound_s=30.0)
 TINY_HEAD = HeadSizes(hidden=32, vocab=512, topk=4, tokens=(64, 128), max_tokens=512, repeats=1, time_bound_s=20.0)
 
 
