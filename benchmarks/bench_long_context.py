@@ -230,6 +230,13 @@ def memory_time_section(args) -> list[dict]:
     for note in notes:
         print(f"- {note}")
     print("Targets (issue 17): peak new/old <= 0.1 at T = 32k, time new/old <= 1.25.")
+    for row in rows:
+        if row["tokens"] == max(args.tokens) and row["old"] and row["new"]:
+            peak, time_ratio = row["new"]["peak"] / row["old"]["peak"], row["new"]["time"] / row["old"]["time"]
+            est = " (old path extrapolated)" if row["old"].get("estimated") else ""
+            print(f"- T={row['tokens']} TP={row['tp']}{est}: peak {peak:.3f} "
+                  f"({'met' if peak <= 0.1 else 'NOT met'}), time {time_ratio:.3f} "
+                  f"({'met' if time_ratio <= 1.25 else 'NOT met'})")
     return rows
 
 
@@ -275,7 +282,7 @@ def parse_args(argv=None):
     parser.add_argument("--vocab", type=int, default=151_936, help="vocabulary (Megatron pads it to 128·TP)")
     parser.add_argument("--topk", type=int, default=32)
     parser.add_argument("--chunk-tokens", type=int, default=None, help="chunked head's tokens per chunk")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per case (best is kept)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
     parser.add_argument("--memory-fraction", type=float, default=0.8,
                         help="run a case only if its predicted peak is below this share of MemAvailable")
