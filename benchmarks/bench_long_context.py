@@ -231,7 +231,7 @@ def memory_time_section(args) -> list[dict]:
         print(f"- {note}")
     print("Targets (issue 17): peak new/old <= 0.1 at T = 32k, time new/old <= 1.25.")
     for row in rows:
-        if row["tokens"] == max(args.tokens) and row["old"] and row["new"]:
+        if row["tokens"] == max(args.tokens) and row["old"] and row["new"] and row["old"]["peak"] > 0:
             peak, time_ratio = row["new"]["peak"] / row["old"]["peak"], row["new"]["time"] / row["old"]["time"]
             est = " (old path extrapolated)" if row["old"].get("estimated") else ""
             print(f"- T={row['tokens']} TP={row['tp']}{est}: peak {peak:.3f} "
