@@ -34,6 +34,10 @@ the others; the process exits 0 only when all passed):
   = 2× forward, and the attention scores and values (4·T²·d_h per head forward) counted for the causal
   half. MFU = those FLOPs / step time / the bf16 matmul peak MEASURED on the same device
   (an n×n×n bf16 matmul, 2·n³ FLOPs).
+* ``chunked_head`` (``tools/chunked_head_section.py``): the trainer's head + loss forward + backward in bf16 on
+  the Qwen3-1.7B head, the materialised logits against the chunked head: peak memory
+  (``torch.cuda.max_memory_allocated``), time and their ratios at T = 4k, 16k, 32k, and the longest T that fits at
+  TP = 1 for each path (bounded doubling search, under a minute in all).
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the checkout's megatron_opd, installed or not
+
+from chunked_head_section import section_chunked_head  # noqa: E402 - tools/ is on the path beside this file
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,8 @@ TINY = Sizes(
                      max_position_embeddings=256, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
     bench_tokens=128, bench_warmup=1, bench_steps=2, peak_n=128, te_dtypes=("float32",))
 
-SECTIONS = ("environment", "bf16_load_resume", "vocab_parallel_ops", "engines", "te_parity", "throughput_mfu")
+SECTIONS = ("environment", "bf16_load_resume", "vocab_parallel_ops", "engines", "te_parity", "throughput_mfu",
+            "chunked_head")
 
 
 def parse_args(argv=None):
@@ -554,7 +561,8 @@ def section_throughput_mfu(check: Check, args, device: torch.device, workdir: Pa
 def _all_sections() -> dict:
     return {"environment": lambda c, a, d, w, s: section_environment(c, a, d, w),
             "bf16_load_resume": section_bf16_load_resume, "vocab_parallel_ops": section_vocab_parallel_ops,
-            "engines": section_engines, "te_parity": section_te_parity, "throughput_mfu": section_throughput_mfu}
+            "engines": section_engines, "te_parity": section_te_parity, "throughput_mfu": section_throughput_mfu,
+            "chunked_head": section_chunked_head}
 
 
 def _write_report(path: Path, report: dict, start: float) -> None:

@@ -29,6 +29,9 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--student-hf": ("model", "student_hf", str, "HF dir of the student (config + tokenizer [+ weights])"),
     "--teacher-hf": ("model", "teacher_hf", str, "HF dir of the teacher for --teacher-url local"),
     "--bf16": ("model", "bf16", None, "train in bf16"),
+    "--chunked-head": ("model", "chunked_head", None,
+                       "output layer + log-probs in token chunks, no [tokens, V/tp] logits (--no-chunked-head: off)"),
+    "--head-chunk-tokens": ("model", "head_chunk_tokens", int, "tokens per chunk of the chunked head"),
     # optimisation
     "--lr": ("optim", "lr", None, "peak learning rate"),
     "--min-lr": ("optim", "min_lr", None, "final learning rate of the decay"),

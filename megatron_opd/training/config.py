@@ -44,6 +44,15 @@ class ModelConfig:
     """HF directory of the teacher, for the in-process teacher engine."""
     bf16: bool = False
     """Train in bf16 (fp32 otherwise; CPU runs use fp32)."""
+    chunked_head: bool = True
+    """Compute the output layer inside the loss, a chunk of tokens at a time, never materialising the
+    [tokens, V/tp] logits (--no-chunked-head: the model returns the logits, the previous path)."""
+    head_chunk_tokens: int | None = None
+    """Tokens per chunk of the chunked head (default: 2**26 logits' worth, e.g. 441 at V = 151,936, TP 1)."""
+
+    def __post_init__(self):
+        _require(self.head_chunk_tokens is None or self.head_chunk_tokens > 0,
+                 f"--head-chunk-tokens must be > 0, got {self.head_chunk_tokens}")
 
 
 @dataclass(kw_only=True)

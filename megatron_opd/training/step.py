@@ -51,15 +51,21 @@ def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experienc
     return [exp.rows(torch.arange(start, start + micro_batch_size)) for start in range(0, num, micro_batch_size)]
 
 
-def _forward_step(loss_func, device, data_iterator, model):
+def _forward_step(loss_func, device, data_iterator, model, chunked_head: bool = False):
     # The whole micro-batch goes to the model's device once: the loss reads labels, masks,
     # positions, old/teacher log-probs and the teacher's top-K next to the logits.
     mb = next(data_iterator).to(device)
     ids = mb.input_ids
     seq_len = ids.shape[1]
     positions = torch.arange(seq_len, device=device).expand_as(ids)
-    output = model(ids, positions, causal_mask(seq_len, device))
-    return output, partial(loss_func, mb)
+    if not chunked_head:
+        return model(ids, positions, causal_mask(seq_len, device)), partial(loss_func, mb)
+    from megatron_opd.models.hidden_head import emit_hidden_states
+
+    # The last stage returns hidden states; the loss runs the output layer in token chunks.
+    with emit_hidden_states(model) as head_weight:
+        output = model(ids, positions, causal_mask(seq_len, device))
+    return output, partial(loss_func, mb, head_weight=head_weight)
 
 
 def local_microbatches(minibatch: Experience, state: ParallelState, micro_batch_size: int,
@@ -84,7 +90,8 @@ def _microbatch_multiple(model: list, state: ParallelState) -> int:
     return state.pp_size if len(model) > 1 else 1
 
 
-def _run_schedule(model: list, microbatches: list[Experience], loss_func, device, forward_only: bool):
+def _run_schedule(model: list, microbatches: list[Experience], loss_func, device, forward_only: bool,
+                  chunked_head: bool = False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
@@ -96,7 +103,7 @@ def _run_schedule(model: list, microbatches: list[Experience], loss_func, device
     rows, seq_len = microbatches[0].input_ids.shape  # the shape P2P uses when it does not vary
     iterators = [iter(microbatches) for _ in model]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func, device),
+        forward_step_func=partial(_forward_step, loss_func, device, chunked_head=chunked_head),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model, num_microbatches=len(microbatches),
         seq_length=seq_len, micro_batch_size=rows,
@@ -154,7 +161,8 @@ def forward_backward(student, loss: MicrobatchLoss, minibatch: Experience, state
         chunk.zero_grad_buffer()
     student.optimizer.zero_grad()
     loss.normalizer.reset()
-    reports = _run_schedule(student.model, microbatches, loss, state.device, forward_only=False)
+    reports = _run_schedule(student.model, microbatches, loss, state.device, forward_only=False,
+                            chunked_head=loss.settings.chunked_head)
     return reports, padding
 
 
@@ -180,21 +188,27 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
 
 
 def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor], state: ParallelState,
-                       micro_batch_size: int, max_tokens: int | None = None) -> torch.Tensor:
+                       micro_batch_size: int, max_tokens: int | None = None,
+                       loss: MicrobatchLoss | None = None) -> torch.Tensor:
     """log π_θ(y_t) for every sequence of ``exp`` [N, T], computed with the same minibatch and
     micro-batch layout as the first epoch's training steps, so the first update of a rollout sees
-    exactly zero drift."""
+    exactly zero drift. ``loss``: the training loss, whose head settings (chunked or logits) are used
+    so the recompute runs the same arithmetic as the training steps (logits head when None)."""
     out = torch.zeros(exp.response_ids.shape, dtype=torch.float32)
+    chunked = loss is not None and loss.settings.chunked_head
 
-    def logprob_only(mb, output_tensor):
-        cur = student_view(output_tensor, mb, state.tp_group, student.vocab_size, with_support=False).logprobs
+    def logprob_only(mb, output_tensor, head_weight=None):
+        head = loss.head(head_weight) if chunked else None
+        cur = student_view(output_tensor, mb, state.tp_group, student.vocab_size, with_support=False,
+                           head=head).logprobs
         return output_tensor.new_zeros(()), mb.loss_mask.sum().to(torch.int), {"logprobs": cur.detach().float()}
 
     with torch.no_grad():
         for indices in minibatches:
             microbatches, row_blocks, _ = local_microbatches(exp.select(indices), state, micro_batch_size,
                                                              max_tokens, _microbatch_multiple(student.model, state))
-            reports = _run_schedule(student.model, microbatches, logprob_only, state.device, forward_only=True)
+            reports = _run_schedule(student.model, microbatches, logprob_only, state.device, forward_only=True,
+                                    chunked_head=chunked)
             for rows, report in zip(row_blocks, reports):  # reports: last pipeline stage only, in order
                 logprobs = report["logprobs"].cpu()
                 out[indices[rows], : logprobs.shape[1]] = logprobs

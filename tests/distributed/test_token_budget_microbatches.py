@@ -100,7 +100,7 @@ def _check_layout(layout, student_dir):
         chunk.zero_grad_buffer()
     loss.normalizer.reset()
     _run_schedule(student.model, split_microbatches(exp.select(rank_rows(NUM_SEQS, state)), MICRO_BATCH), loss,
-                  state.device, forward_only=False)
+                  state.device, forward_only=False, chunked_head=loss.settings.chunked_head)
     today, today_scale = _grads(student), loss.step_gate_scale
 
     forward_backward(student, loss, exp, state, MICRO_BATCH, max_tokens=0)
@@ -112,7 +112,8 @@ def _check_layout(layout, student_dir):
         for chunk in student.model:
             chunk.zero_grad_buffer()
         loss.normalizer.reset()
-        _run_schedule(student.model, [exp.select(r) for r in rows], loss, state.device, forward_only=False)
+        _run_schedule(student.model, [exp.select(r) for r in rows], loss, state.device, forward_only=False,
+                      chunked_head=loss.settings.chunked_head)
         result["uneven_grad_diff"] = (fixed - _grads(student)).abs().max().item()
     multiple = state.pp_size if len(student.model) > 1 else 1
     microbatches, _, padding = local_microbatches(exp, state, MICRO_BATCH, BUDGET, multiple)

@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
+import chunked_head_section  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -80,3 +81,10 @@ def test_cpu_tiny_run_passes_every_section(tmp_path):
     assert 0 < mfu["mfu"] <= 1 and mfu["measured_bf16_peak_tflops"] > 0
     assert abs(mfu["tokens_per_s"] - tokens / mfu["median_step_s"]) < 1e-6 * mfu["tokens_per_s"]
     assert abs(mfu["mfu"] - mfu["achieved_tflops"] / mfu["measured_bf16_peak_tflops"]) < 1e-9
+
+    head = sections["chunked_head"]
+    assert [row["tokens"] for row in head["rows"]] == list(chunked_head_section.TINY_HEAD.tokens)
+    for row in head["rows"]:
+        assert row["loss_rel_diff"] <= 1e-3 and row["old"]["seconds"] > 0 and row["new"]["seconds"] > 0
+    assert set(head["longest_tokens_tp1"]) == {"new", "old"}
+    assert head["longest_tokens_tp1"]["new"]["tokens"] >= chunked_head_section.TINY_HEAD.tokens[-1]

@@ -31,7 +31,8 @@ def main() -> None:
     local = exp.select(rank_rows(exp.num_sequences, state))
     for chunk in run.student.model:
         chunk.zero_grad_buffer()
-    _run_schedule(run.student.model, split_microbatches(local, 4), run.loss, state.device, forward_only=False)
+    _run_schedule(run.student.model, split_microbatches(local, 4), run.loss, state.device, forward_only=False,
+                  chunked_head=run.loss.settings.chunked_head)
     modules = run.student.unwrapped()
     with torch.no_grad():  # put the finalised grads where the weights were, then gather them by HF name
         saved = {p: p.detach().clone() for m in modules for p in m.parameters()}

@@ -17,7 +17,8 @@ FROZEN_FLAGS = sorted(FLAGS)
 def test_flag_set_is_frozen():
     expected = {
         "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size",
-        "--context-parallel-size", "--sequence-parallel", "--distributed-timeout-minutes", "--student-hf", "--teacher-hf", "--bf16", "--lr",
+        "--context-parallel-size", "--sequence-parallel", "--distributed-timeout-minutes", "--student-hf", "--teacher-hf", "--bf16",
+        "--chunked-head", "--head-chunk-tokens", "--lr",
         "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1",
         "--adam-beta2", "--train-iters", "--micro-batch-size", "--max-tokens-per-micro-batch", "--seed", "--save", "--save-interval", "--keep-last",
         "--load", "--save-hf", "--export-hf-at", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
@@ -145,3 +146,13 @@ def test_token_budget_lifts_the_micro_batch_size_multiple():
                                "--max-tokens-per-micro-batch", "4096"])
     assert cfg.optim.max_tokens_per_micro_batch == 4096
     assert parse_config(BASE).optim.max_tokens_per_micro_batch == 0  # off by default
+
+
+def test_chunked_head_is_the_default_and_can_be_turned_off(tmp_path):
+    base = ["--student-hf", str(tmp_path), "--data-path", "toy", "--teacher-hf", str(tmp_path)]
+    cfg = parse_config(base)
+    assert cfg.model.chunked_head and cfg.model.head_chunk_tokens is None
+    cfg = parse_config(base + ["--no-chunked-head", "--head-chunk-tokens", "256"])
+    assert not cfg.model.chunked_head and cfg.model.head_chunk_tokens == 256
+    with pytest.raises(ConfigError, match="--head-chunk-tokens"):
+        parse_config(base + ["--head-chunk-tokens", "0"])
