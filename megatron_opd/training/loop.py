@@ -66,7 +66,7 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
         t1 = time.perf_counter()
         if obj.objective != "sft":
             exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size,
-                                                   cfg.optim.max_tokens_per_micro_batch, run.loss)
+                                                   max_tokens=cfg.optim.max_tokens_per_micro_batch, loss=run.loss)
                                 if obj.logprob_source == "recompute" else exp.engine_logprobs)
             if obj.logprob_source == "recompute":
                 batch_metrics.update(engine_logprob_gap(exp))

@@ -159,6 +159,12 @@ def _chunked_head_stats(hidden, head: HiddenHead, labels, support_full, mb, tp_g
     tokens each sequence really has (not the prompt, not the right padding); stats as [b, T, ...] with
     zeros at the other response slots (the loss mask is False there)."""
     batch, num_steps = mb.response_ids.shape
+    seq_len, tp = mb.input_ids.shape[1], dist.get_world_size(tp_group) if tp_group is not None else 1
+    seq_rows = hidden.shape[1] * (tp if head.sequence_parallel else 1)  # hidden: [b, S(/tp), H]
+    if seq_rows != seq_len:  # a model/loss disagreement would otherwise surface as an index error deep down
+        raise ValueError(f"the model returned hidden states for {hidden.shape[1]} positions of a {seq_len}-token "
+                         f"micro-batch with LossSettings.sequence_parallel={head.sequence_parallel} at TP={tp}: "
+                         "set sequence_parallel as the model runs it")
     valid = torch.arange(num_steps, device=hidden.device)[None, :] < mb.response_lens[:, None]  # (b, T)
     seq, step = valid.nonzero(as_tuple=True)  # host-device sync: the number of response tokens
     positions = mb.response_positions()[seq, step]  # the position whose logits predict each token

@@ -188,7 +188,7 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
 
 
 def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor], state: ParallelState,
-                       micro_batch_size: int, max_tokens: int | None = None,
+                       micro_batch_size: int, *, max_tokens: int | None = None,
                        loss: MicrobatchLoss | None = None) -> torch.Tensor:
     """log π_θ(y_t) for every sequence of ``exp`` [N, T], computed with the same minibatch and
     micro-batch layout as the first epoch's training steps, so the first update of a rollout sees

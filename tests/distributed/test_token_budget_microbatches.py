@@ -77,13 +77,14 @@ def _check_layout(layout, student_dir):
     holder = []
     student = build_student(cfg, state, hf_weights=read_hf_checkpoint(student_dir),
                             finalize_hook=lambda model: _rescale_grads(model, holder[0], state))
-    loss = MicrobatchLoss(LossSettings(objective="sampled", gate=gate, vocab_size=student.vocab_size),
+    loss = MicrobatchLoss(LossSettings(objective="sampled", gate=gate, vocab_size=student.vocab_size,
+                                       sequence_parallel=bool(layout.get("sequence_parallel"))),
                           state.tp_group, state.dp_cp_group)
     holder.append(loss)
     exp = _experience(student.vocab_size, state.tp_size if layout.get("sequence_parallel") else 1)
     everything = [torch.arange(NUM_SEQS)]
-    fixed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH)
-    packed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, max_tokens=BUDGET)
+    fixed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, loss=loss)
+    packed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, max_tokens=BUDGET, loss=loss)
     result = {"layout": layout, "rank": state.rank,
               "logprob_diff": (fixed_logprobs - packed_logprobs)[exp.loss_mask].abs().max().item()}
 

@@ -62,7 +62,7 @@ def main() -> None:
     runs = [build_components(cfg, state) for cfg in configs]
     exp, _ = runs[0].maker.make(0)
     plan = [torch.arange(exp.num_sequences)]
-    recomputed = [recompute_logprobs(run.student, exp, plan, state, mbs, run.loss) for run in runs]
+    recomputed = [recompute_logprobs(run.student, exp, plan, state, mbs, loss=run.loss) for run in runs]
     valid = exp.loss_mask
     report = {"recompute": _max_diff([(recomputed[0][valid], recomputed[1][valid])])}
     exp.old_logprobs = recomputed[1] - 0.05 * torch.rand(recomputed[1].shape)  # drift: gates and ratios act
