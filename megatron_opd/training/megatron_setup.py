@@ -39,7 +39,7 @@ def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
 
     hf_config = load_hf_config(cfg.model.student_hf)
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
-    chunks = build_qwen3_model(hf_config, cfg.parallel, dtype=dtype)
+    chunks = build_qwen3_model(hf_config, cfg.parallel, dtype=dtype, moe=cfg.model.moe_options())
     _load_initial_weights(chunks, hf_config, hf_weights, megatron_checkpoint)
     config = chunks[0].config
     # Losses are summed per token; Megatron divides the gradients by the global valid-token count.
