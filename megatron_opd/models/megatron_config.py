@@ -144,6 +144,10 @@ def validate_moe(hf_config, parallel: ParallelConfig) -> None:
         if ep > 1:
             raise ValueError(f"expert_model_parallel_size={ep} needs a MoE student (model_type 'qwen3_moe')")
         return
+    if parallel.tensor_model_parallel_size > 1 and not parallel.sequence_parallel:
+        raise ValueError(f"a MoE student at tensor_model_parallel_size={parallel.tensor_model_parallel_size} needs "
+                         "sequence_parallel=True (--sequence-parallel): Megatron's MoE layer refuses to train "
+                         "with TP and without SP")
     sparse_step = getattr(hf_config, "decoder_sparse_step", 1)
     if getattr(hf_config, "mlp_only_layers", None) or sparse_step != 1:
         raise ValueError(f"HF config mlp_only_layers={hf_config.mlp_only_layers} / decoder_sparse_step={sparse_step}"

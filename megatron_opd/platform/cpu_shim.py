@@ -141,6 +141,22 @@ def _patch_megatron_rng() -> None:
            "Megatron's own CUDA RNG setter writes through torch._C CUDA calls")
 
 
+def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU meaning of Megatron's ``maybe_move_tensor_to_cpu``: the tensor is already on the host, but
+    ``as_numpy`` must still give a NumPy array (the original converts only CUDA tensors)."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_megatron_moe() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    _patch(token_dispatcher, "maybe_move_tensor_to_cpu", _move_to_host,
+           "the all-to-all dispatcher's split sizes reach gloo's all_to_all_single as tensors, which it "
+           "refuses; on CUDA they are NumPy arrays after the device-to-host copy")
+
+
 def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """Megatron's ``clip_grad_by_total_norm_fp32`` minus its ``torch.cuda.FloatTensor`` assert: scale every
     gradient in place by max_norm / (total_norm + 1e-6) when that is < 1."""
@@ -203,6 +219,7 @@ def apply_cpu_shim() -> bool:
     _patch_megatron_rng()
     _patch_megatron_optimizer()
     _patch_megatron_mixed_precision()
+    _patch_megatron_moe()
     # ~30 places in Megatron hard-code device="cuda"; one process-wide mode maps them to the CPU
     # (measured overhead ~2%).
     _DEVICE_MODE = _CudaToCpuMode()
