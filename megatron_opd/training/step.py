@@ -32,6 +32,12 @@ def rank_rows(num_rows: int, state: ParallelState) -> torch.Tensor:
     return torch.arange(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
 
 
+def local_rows(exp: Experience, rows: torch.Tensor, uniform_shapes: bool) -> Experience:
+    """This rank's ``rows`` of ``exp``: trimmed to their own longest sequence, or kept at ``exp``'s length
+    when every data-parallel rank must feed the same shape (``Student.uniform_dp_shapes``)."""
+    return exp.rows(rows) if uniform_shapes else exp.select(rows)
+
+
 def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experience]:
     """Row blocks of ``exp`` keeping its (already trimmed) sequence length for every block."""
     num = exp.num_sequences
@@ -111,14 +117,19 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
 
     A non-finite loss skips the optimizer step (``skipped`` = 1 in the result).
     """
-    local = minibatch.select(rank_rows(minibatch.num_sequences, state))
+    local = local_rows(minibatch, rank_rows(minibatch.num_sequences, state), student.uniform_dp_shapes)
     microbatches = split_microbatches(local, micro_batch_size)
     for chunk in student.model:
         chunk.zero_grad_buffer()
     student.optimizer.zero_grad()
     loss.normalizer.reset()
+    router_load = getattr(student, "router_load", None)  # MoE students: tokens per expert, aux loss
+    if router_load is not None:
+        router_load.reset()
     reports = _run_schedule(student.model, microbatches, loss, micro_batch_size, state.device, forward_only=False)
     result = reduce_reports(_sum_reports(reports), state, report_keys)
+    if router_load is not None:
+        result.update(router_load.reduce(state, len(microbatches)))  # collective over all ranks
     if not math.isfinite(result.get("loss_sum", 0.0)):
         result["skipped"] = 1.0
         return result
@@ -144,7 +155,8 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
     with torch.no_grad():
         for indices in minibatches:
             rows = indices[rank_rows(len(indices), state)]
-            local = exp.select(rows)
+            # the rows and shapes train_step sees for this minibatch
+            local = local_rows(exp.select(indices), rank_rows(len(indices), state), student.uniform_dp_shapes)
             reports = _run_schedule(student.model, split_microbatches(local, micro_batch_size), logprob_only,
                                     micro_batch_size, state.device, forward_only=True)
             if reports:  # last pipeline stage only
