@@ -73,3 +73,10 @@ def write_moe_model(out_dir: Path, seed: int, **moe) -> Path:
 def toy_moe_student(tmp_path_factory):
     """HF dir of a tiny Qwen3-MoE student (8 experts, top-2, norm_topk_prob) with the toy tokenizer."""
     return write_moe_model(tmp_path_factory.mktemp("toy_moe") / "student", seed=3)
+
+
+@pytest.fixture(scope="session")
+def toy_moe_teacher(tmp_path_factory):
+    """HF dir of another tiny Qwen3-MoE (16 experts, top-8) with the toy tokenizer."""
+    return write_moe_model(tmp_path_factory.mktemp("toy_moe_teacher") / "teacher", seed=4, num_experts=16,
+                           num_experts_per_tok=8)

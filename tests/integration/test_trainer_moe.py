@@ -1,6 +1,7 @@
 """OPD with a Qwen3-MoE student at EP=2 on CPU (gloo): sampled + Block64 (aux loss on, fp64 router, all-gather
 dispatcher) and LSM + newline spans (no aux loss, fp32 router, all-to-all dispatcher), with the in-process
-HF engines (the rollout engine is the MoE student itself, synced from the trainer every rollout).
+HF engines (the rollout engine is the MoE student itself, synced from the trainer every rollout; the LSM
+run's teacher is a 16-expert top-8 Qwen3-MoE in the in-process teacher engine).
 
 Checks: finite losses; the gate is exactly 1 on a rollout's first update and acts on its reuse (so the
 trainer's recompute of log π_old equals its own forward bit for bit with MoE routing in the loop); the router
@@ -24,11 +25,12 @@ RUNS = {
                             "--moe-token-dispatcher-type": "allgather"},
     "lsm_spans": {"--objective": "lsm", "--gate": "span", "--gate-span-delimiter": ";", "--topk": 8},
 }
+MOE_TEACHER = {"lsm_spans"}
 EXPERTS, TOPK = 8, 2
 
 
 @pytest.fixture(scope="module")
-def moe_runs(toy_models, toy_moe_student, tmp_path_factory):
+def moe_runs(toy_models, toy_moe_student, toy_moe_teacher, tmp_path_factory):
     data, _, teacher = toy_models
     workdir = tmp_path_factory.mktemp("moe_runs")
     common = {"--student-hf": str(toy_moe_student), "--teacher-hf": str(teacher), "--data-path": str(data),
@@ -36,6 +38,8 @@ def moe_runs(toy_models, toy_moe_student, tmp_path_factory):
               "--minibatches-per-rollout": 1, "--prompts-per-rollout": 4, "--samples-per-prompt": 2,
               "--micro-batch-size": 2, "--max-new-tokens": 24, "--lr": 1e-2, "--gate-tau": 5.0}
     args = [f"{name}={json.dumps({**common, **flags})}" for name, flags in RUNS.items()]
+    args = [arg.replace(str(teacher), str(toy_moe_teacher)) if arg.split("=")[0] in MOE_TEACHER else arg
+            for arg in args]
     proc = torchrun([str(Path(__file__).with_name("trainer_matrix.py")), str(workdir), *args], timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return workdir
@@ -56,6 +60,8 @@ def test_moe_student_trains_with_gates_and_router_metrics(moe_runs, name):
             assert 0 < row["moe_aux_loss"] < 10
     assert first["abs_drift_max"] == 0.0 and first["gate_min"] == first["gate_max"] == 1.0
     assert reuse["abs_drift_max"] > 0.0 and reuse["gate_min"] < 1.0 < reuse["gate_max"]
+    if name in MOE_TEACHER:
+        assert 0 < first["teacher_topk_mass"] <= 1 and first["reverse_kl"] > 0
     print(f"{name}: engine-vs-trainer log-prob gap max {first['engine_logprob_gap_max']:.2e} "
           f"mean {first['engine_logprob_gap_mean']:.2e}; load max/mean {first['moe_load_max_over_mean']:.2f}")
     assert first["engine_logprob_gap_max"] < 0.05
