@@ -117,7 +117,8 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
 
     A non-finite loss skips the optimizer step (``skipped`` = 1 in the result).
     """
-    local = local_rows(minibatch, rank_rows(minibatch.num_sequences, state), student.uniform_dp_shapes)
+    uniform = getattr(student, "uniform_dp_shapes", False)
+    local = local_rows(minibatch, rank_rows(minibatch.num_sequences, state), uniform)
     microbatches = split_microbatches(local, micro_batch_size)
     for chunk in student.model:
         chunk.zero_grad_buffer()
@@ -156,7 +157,8 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
         for indices in minibatches:
             rows = indices[rank_rows(len(indices), state)]
             # the rows and shapes train_step sees for this minibatch
-            local = local_rows(exp.select(indices), rank_rows(len(indices), state), student.uniform_dp_shapes)
+            local = local_rows(exp.select(indices), rank_rows(len(indices), state),
+                               getattr(student, "uniform_dp_shapes", False))
             reports = _run_schedule(student.model, split_microbatches(local, micro_batch_size), logprob_only,
                                     micro_batch_size, state.device, forward_only=True)
             if reports:  # last pipeline stage only
