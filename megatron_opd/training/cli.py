@@ -23,6 +23,9 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
                                                "virtual pipeline stages per PP rank"),
     "--context-parallel-size": ("parallel", "context_parallel_size", None, "CP degree (needs Transformer Engine)"),
     "--sequence-parallel": ("parallel", "sequence_parallel", None, "sequence parallelism (needs TP > 1)"),
+    "--expert-model-parallel-size": ("parallel", "expert_model_parallel_size", None, "EP degree (MoE students)"),
+    "--expert-tensor-parallel-size": ("parallel", "expert_tensor_parallel_size", int,
+                                      "expert TP degree (MoE students; default: the TP degree)"),
     "--distributed-timeout-minutes": ("parallel", "distributed_timeout_minutes", None,
                                       "timeout of every process group (rank 0 evaluates/exports while others wait)"),
     # model
@@ -32,6 +35,9 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--chunked-head": ("model", "chunked_head", None,
                        "output layer + log-probs in token chunks, no [tokens, V/tp] logits (--no-chunked-head: off)"),
     "--head-chunk-tokens": ("model", "head_chunk_tokens", int, "tokens per chunk of the chunked head"),
+    "--moe-aux-loss-coeff": ("model", "moe_aux_loss_coeff", None, "MoE load-balancing aux loss coefficient"),
+    "--moe-router-dtype": ("model", "moe_router_dtype", None, "MoE router precision: fp32 | fp64"),
+    "--moe-token-dispatcher-type": ("model", "moe_token_dispatcher_type", None, "MoE dispatcher: alltoall | allgather"),
     # optimisation
     "--lr": ("optim", "lr", None, "peak learning rate"),
     "--min-lr": ("optim", "min_lr", None, "final learning rate of the decay"),

@@ -42,6 +42,12 @@ def rank_rows(num_rows: int, state: ParallelState) -> torch.Tensor:
     return torch.arange(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
 
 
+def local_rows(exp: Experience, rows: torch.Tensor, uniform_shapes: bool) -> Experience:
+    """This rank's ``rows`` of ``exp``: trimmed to their own longest sequence, or kept at ``exp``'s length
+    when every data-parallel rank must feed the same shape (``Student.uniform_dp_shapes``)."""
+    return exp.rows(rows) if uniform_shapes else exp.select(rows)
+
+
 def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experience]:
     """Row blocks of ``exp`` keeping its (already trimmed) sequence length for every block."""
     num = exp.num_sequences
@@ -69,16 +75,21 @@ def _forward_step(loss_func, device, data_iterator, model, chunked_head: bool = 
 
 
 def local_microbatches(minibatch: Experience, state: ParallelState, micro_batch_size: int,
-                       max_tokens: int | None, microbatch_multiple: int = 1):
+                       max_tokens: int | None, microbatch_multiple: int = 1, uniform_shapes: bool = False):
     """This data-parallel rank's micro-batches, their row indices into ``minibatch``, and the padding
-    fraction of the whole minibatch's layout (every rank computes the same plan from the lengths)."""
+    fraction of the whole minibatch's layout (every rank computes the same plan from the lengths).
+    ``uniform_shapes``: every data-parallel rank feeds the minibatch's shape (``Student.uniform_dp_shapes``)."""
     lengths = (minibatch.prompt_lens + minibatch.response_lens).tolist()
     if not max_tokens:  # today's layout, unchanged
         rows = rank_rows(minibatch.num_sequences, state)
-        microbatches = split_microbatches(minibatch.select(rows), micro_batch_size)
+        microbatches = split_microbatches(local_rows(minibatch, rows, uniform_shapes), micro_batch_size)
         padding = fixed_microbatch_plan(lengths, state.dp_size, micro_batch_size,
                                         minibatch.pad_to_multiple).padding_fraction
         return microbatches, list(rows.split(micro_batch_size)), padding
+    if uniform_shapes:
+        raise ValueError("--max-tokens-per-micro-batch gives every data-parallel rank micro-batches of its own shape, "
+                         "but the MoE all-gather dispatcher needs one shape on every rank: use "
+                         "--moe-token-dispatcher-type alltoall or drop --max-tokens-per-micro-batch")
     plan = pack_microbatches(lengths, state.dp_size, max_tokens, pad_to_multiple=minibatch.pad_to_multiple,
                              microbatch_multiple=microbatch_multiple)
     rows = [torch.tensor(mb.rows) for mb in plan.ranks[state.dp_rank]]
@@ -151,19 +162,23 @@ def reduce_reports(local: dict[str, float], state: ParallelState, keys: list[str
 
 
 def forward_backward(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
-                     micro_batch_size: int, max_tokens: int | None = None) -> tuple[list[dict], float]:
+                     micro_batch_size: int, max_tokens: int | None = None) -> tuple[list[dict], float, int]:
     """Zero the gradients and run forward/backward over this rank's micro-batches; the gradients are
     then finalised (DP all-reduce, per-token scaling, gate rescale). Returns the micro-batch reports
-    (last pipeline stage) and the minibatch's padding fraction."""
+    (last pipeline stage), the minibatch's padding fraction and this rank's number of micro-batches."""
     microbatches, _, padding = local_microbatches(minibatch, state, micro_batch_size, max_tokens,
-                                                  _microbatch_multiple(student.model, state))
+                                                  _microbatch_multiple(student.model, state),
+                                                  getattr(student, "uniform_dp_shapes", False))
     for chunk in student.model:
         chunk.zero_grad_buffer()
     student.optimizer.zero_grad()
     loss.normalizer.reset()
+    router_load = getattr(student, "router_load", None)  # MoE students: tokens per expert, aux loss
+    if router_load is not None:
+        router_load.reset()
     reports = _run_schedule(student.model, microbatches, loss, state.device, forward_only=False,
                             chunked_head=loss.settings.chunked_head)
-    return reports, padding
+    return reports, padding, len(microbatches)
 
 
 def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
@@ -173,9 +188,13 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
     ``max_tokens``: token budget per micro-batch (None/0: fixed micro-batches of ``micro_batch_size``).
     A non-finite loss skips the optimizer step (``skipped`` = 1 in the result).
     """
-    reports, padding = forward_backward(student, loss, minibatch, state, micro_batch_size, max_tokens)
+    reports, padding, num_microbatches = forward_backward(student, loss, minibatch, state, micro_batch_size,
+                                                          max_tokens)
     result = reduce_reports(_sum_reports(reports), state, report_keys)
     result["padding_fraction"] = padding
+    router_load = getattr(student, "router_load", None)
+    if router_load is not None:
+        result.update(router_load.reduce(state, num_microbatches))  # collective over all ranks
     if not math.isfinite(result.get("loss_sum", 0.0)):
         result["skipped"] = 1.0
         return result
@@ -206,7 +225,8 @@ def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor]
     with torch.no_grad():
         for indices in minibatches:
             microbatches, row_blocks, _ = local_microbatches(exp.select(indices), state, micro_batch_size,
-                                                             max_tokens, _microbatch_multiple(student.model, state))
+                                                             max_tokens, _microbatch_multiple(student.model, state),
+                                                             getattr(student, "uniform_dp_shapes", False))
             reports = _run_schedule(student.model, microbatches, logprob_only, state.device, forward_only=True,
                                     chunked_head=chunked)
             for rows, report in zip(row_blocks, reports):  # reports: last pipeline stage only, in order

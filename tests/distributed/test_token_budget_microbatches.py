@@ -90,7 +90,7 @@ def _check_layout(layout, student_dir):
 
     # Zero drift on the recompute's own layout: the first training step's log-probs are bit-identical.
     exp.old_logprobs = packed_logprobs
-    reports, _ = forward_backward(student, loss, exp, state, MICRO_BATCH, max_tokens=BUDGET)
+    reports, _, _ = forward_backward(student, loss, exp, state, MICRO_BATCH, max_tokens=BUDGET)
     result["zero_drift_max"] = max((r["abs_drift_max"].item() for r in reports), default=None)
 
     # Drift gates that vary: the gate normalisation is not trivial.

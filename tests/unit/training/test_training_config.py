@@ -28,7 +28,8 @@ def test_flag_set_is_frozen():
         "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--data-path", "--prompt-field",
         "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
         "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
-        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress"}
+        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress", "--expert-model-parallel-size",
+        "--expert-tensor-parallel-size", "--moe-aux-loss-coeff", "--moe-router-dtype", "--moe-token-dispatcher-type"}
     assert set(FROZEN_FLAGS) == expected
 
 
