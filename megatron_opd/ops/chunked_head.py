@@ -38,6 +38,8 @@ from megatron_opd.ops.topk import local_topk, merge_topk
 # Default work size of one chunk: 2**26 logits (256 MiB in fp32). Larger than the logits ops'
 # chunks: every chunk reads the whole weight shard, so small chunks make the matmuls memory-bound.
 HEAD_CHUNK_ELEMENTS = 1 << 26
+# Vocab rows per half-precision weight-gradient product before it is added to the fp32 accumulator.
+WGRAD_VOCAB_BLOCK = 16384
 
 
 class HeadStats(NamedTuple):
@@ -188,8 +190,10 @@ class _HeadStatsFn(torch.autograd.Function):
             if grad_weight is not None:
                 if grad_z.dtype == grad_weight.dtype:
                     grad_weight[:num_valid].addmm_(grad_z.t(), hidden_rows)
-                else:  # half weights: half matmul per chunk (as Megatron's), summed in fp32
-                    grad_weight[:num_valid] += (grad_z.t() @ hidden_rows).to(grad_weight.dtype)
+                else:  # half weights: half matmuls (as Megatron's) summed in fp32, in vocab blocks so the
+                    # half-precision product is never a whole [V/TP, H] temporary
+                    for cols in row_chunks(num_valid, WGRAD_VOCAB_BLOCK):
+                        grad_weight[cols] += (grad_z[:, cols].t() @ hidden_rows).to(grad_weight.dtype)
         grad_hidden = None
         if grad_total is not None:
             if rows is not None:  # rows not computed get no gradient; repeated rows add up

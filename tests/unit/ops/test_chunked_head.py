@@ -212,10 +212,15 @@ def test_token_rows_compute_only_those_rows(dtype):
         vocab_parallel_head_stats(hidden, weight, token_ids.reshape(-1)[:1], token_rows=torch.tensor([21]))
 
 
-def test_bf16_weights_match_the_materialised_bf16_path():
+@pytest.mark.parametrize("wgrad_block", [16384, 7])
+def test_bf16_weights_match_the_materialised_bf16_path(wgrad_block, monkeypatch):
     """bf16 (the GPU trainer): the matmul in bf16 like Megatron's layer, statistics in fp32, the weight
-    gradient summed over chunks in fp32. Tolerances: values 1e-3 abs (both sides round the same bf16
-    logits), gradients 2e-2 of their largest entry (bf16 matmuls, rounded per chunk here, once there)."""
+    gradient summed over chunks in fp32 (in vocab blocks of ``wgrad_block`` rows; 7 splits the 37 real rows
+    unevenly). Tolerances: values 1e-3 abs (both sides round the same bf16 logits), gradients 2e-2 of their
+    largest entry (bf16 matmuls, rounded per chunk here, once there)."""
+    from megatron_opd.ops import chunked_head
+
+    monkeypatch.setattr(chunked_head, "WGRAD_VOCAB_BLOCK", wgrad_block)
     hidden, weight, token_ids, topk_ids, gen = _case(torch.float32)
     upstream = [torch.randn(S, B, generator=gen), torch.randn(S, B, generator=gen), torch.randn(S, B, K, generator=gen)]
     results = []
