@@ -87,6 +87,10 @@ def test_cpu_tiny_run_passes_every_section(tmp_path):
     for row in head["rows"]:
         assert row["loss_rel_diff"] <= 1e-3 and row["old"]["seconds"] > 0 and row["new"]["seconds"] > 0
     assert set(head["longest_tokens_tp1"]) == {"new", "old"}
+    sweep = head["chunk_sweep_at_largest_T"]
+    assert [row["chunk_tokens"] for row in sweep] == list(chunked_head_section.TINY_HEAD.chunk_sweep)
+    for row in sweep:  # another chunking of the same tokens: the same loss
+        assert abs(row["loss"] - head["rows"][-1]["new"]["loss"]) <= 1e-3 * abs(head["rows"][-1]["new"]["loss"])
     assert head["longest_tokens_tp1"]["new"]["tokens"] >= chunked_head_section.TINY_HEAD.tokens[-1]
     moe = sections["moe"]
     assert moe["tiny_logit_max_err_vs_hf"] < 1e-4  # fp32 on the CPU
