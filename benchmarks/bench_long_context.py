@@ -242,31 +242,21 @@ def memory_time_section(args) -> list[dict]:
 
 # ---------------------------------------------------------------- section: padding of micro-batches
 
-def long_tailed_lengths(num: int, seed: int = 0, low: int = 200, high: int = 16384):
-    """Response lengths, log-normal between ``low`` and ``high`` tokens (median ~1.6k, a long tail)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.exp(torch.randn(num, generator=gen) * 1.0 + 7.4)
-    return lengths.clamp(low, high).round().long().tolist()
-
-
-def fixed_microbatch_padding(lengths: list[int], micro_batch_size: int) -> float:
-    """Share of computed tokens that are padding when rows are right-padded to the longest of each
-    ``micro_batch_size`` consecutive rows (today's fixed micro-batches, in rollout order)."""
-    computed = sum(max(lengths[i:i + micro_batch_size]) * len(lengths[i:i + micro_batch_size])
-                   for i in range(0, len(lengths), micro_batch_size))
-    return 1.0 - sum(lengths) / computed
-
-
 def padding_section(args) -> None:
-    """HOOK for the lead: the packing branch's padding report (token-budget micro-batches, issue 17 item 3)
-    goes here, next to today's fixed micro-batches measured below on the same lengths."""
-    lengths = long_tailed_lengths(args.padding_sequences)
-    print(f"## padding on {len(lengths)} long-tailed lengths (log-normal, {min(lengths)}..{max(lengths)} tokens)")
-    for micro_batch_size in (2, 4, 8):
-        share = fixed_microbatch_padding(lengths, micro_batch_size)
-        print(f"- fixed micro-batches of {micro_batch_size} rows (today): padding {share:.1%} of computed tokens")
+    """Padding as a share of computed tokens on long-tailed lengths (log-normal, 200..16k tokens), today's
+    fixed micro-batches (rows padded to the longest of each block of a rank) against token-budget packing
+    (``--max-tokens-per-micro-batch``, ``training.packing``), for one minibatch per optimizer step."""
+    from megatron_opd.training.packing import lognormal_lengths, pack_microbatches, padding_fraction
+
+    print("## padding of micro-batches (share of computed tokens; log-normal lengths 200..16384, seed 0)")
+    print(f"{'seqs/step':>9} {'DP':>3} {'mbs':>4} {'budget':>7} {'fixed':>7} {'packed':>7} {'mb/rank':>8}")
+    for sequences in args.padding_sequences:
+        lengths = lognormal_lengths(sequences, seed=0)
+        for dp in (1, 2):
+            for budget in (16384, 32768, 65536):
+                before, after = padding_fraction(lengths, budget, micro_batch_size=4, dp_size=dp)
+                per_rank = len(pack_microbatches(lengths, dp, budget).ranks[0])
+                print(f"{sequences:>9} {dp:>3} {4:>4} {budget:>7} {before:>7.1%} {after:>7.1%} {per_rank:>8}")
 
 
 # ---------------------------------------------------------------- main
@@ -286,7 +276,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch threads per case")
     parser.add_argument("--memory-fraction", type=float, default=0.8,
                         help="run a case only if its predicted peak is below this share of MemAvailable")
-    parser.add_argument("--padding-sequences", type=int, default=512)
+    parser.add_argument("--padding-sequences", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256, 512],
+                        help="comma-separated minibatch sizes (sequences per step) for the padding section")
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated of {list(SECTIONS)}")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, seconds (the test suite's run)")
     parser.add_argument("--case-impl", choices=["old", "new"], help=argparse.SUPPRESS)
@@ -295,7 +286,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.tiny:
         args.tokens, args.hidden, args.vocab, args.topk, args.repeats = [96, 160], 32, 500, 4, 1
-        args.chunk_tokens, args.threads, args.padding_sequences = 40, 1, 64
+        args.chunk_tokens, args.threads, args.padding_sequences = 40, 1, [64]
     return args
 
 
