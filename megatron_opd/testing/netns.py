@@ -12,6 +12,7 @@ the hostname, users and the process table.
         net.run(1, ["curl", f"http://{net.hosts[0].addr}:8000/"], timeout=10)
         net.link_down(1)   # host 1 is cut off (its veth is down) ...
         net.link_up(1)     # ... and back
+        net.kill_host(0)   # a crash: SIGKILL everything running inside host 0
 
 Leaving the ``with`` block (normally, by an exception or Ctrl-C; ``atexit`` as a backstop) kills every
 process started in the hosts (SIGTERM to each recorded process group, SIGKILL after a short grace, then
@@ -277,6 +278,14 @@ class HostNet:
             proc.communicate()
             raise
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+    def kill_host(self, host: int | str) -> None:
+        """A host crash: SIGKILL every process inside ``host`` (whatever its process group) and wait for them."""
+        _kill_netns_processes(self._host(host).netns)
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.5)  # reap ours (the sweep skips zombies' namespaces)
 
     def link_down(self, host: int | str) -> None:
         """Partition ``host``: its veth goes down on the bridge side (its own ``eth0`` keeps its address)."""

@@ -74,7 +74,13 @@ def test_hosts_talk_partition_and_heal():
         healed = connect(net, 1, net.hosts[0].addr, timeout=10)
         assert healed.returncode == 0 and healed.stdout.strip() == "hello from 198.18.0.11", healed.stderr
         assert server.poll() is None
-    assert server.poll() is not None  # killed on exit
+        # a host crash takes everything inside, also processes that left the launched command's group
+        net.run(0, ["bash", "-c", "setsid sleep 300 > /dev/null 2>&1 &"])
+        net.kill_host(0)
+        assert server.poll() is not None
+        assert net.run(0, ["true"]).returncode == 0  # the host itself stays usable (a reboot)
+        left = subprocess.run(["ip", "netns", "pids", net.hosts[0].netns], capture_output=True, text=True)
+        assert left.stdout.split() == []
     assert own_objects(net) == []
 
 
