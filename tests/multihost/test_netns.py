@@ -116,15 +116,16 @@ def test_leftovers_of_a_dead_process_are_removed_by_the_next_net():
 
 def test_command_line_up_exec_down():
     cli = [sys.executable, "-m", "megatron_opd.testing.netns"]
-    subprocess.run([*cli, "down"], check=True, capture_output=True)
+    tag = ["--tag", "clitest"]  # leaves the hosts a person made with the default tag alone
+    subprocess.run([*cli, "down", *tag], check=True, capture_output=True)
     try:
-        up = subprocess.run([*cli, "up", "2"], capture_output=True, text=True, timeout=60)
+        up = subprocess.run([*cli, "up", "2", *tag], capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, up.stderr
-        assert "host1\topdcli.0h1\t198.18.0.12" in up.stdout
-        addr = subprocess.run([*cli, "exec", "host1", "--", "ip", "-o", "-4", "addr", "show", "eth0"],
+        assert "host1\topdclitest.0h1\t198.18.0.12" in up.stdout
+        addr = subprocess.run([*cli, "exec", *tag, "host1", "--", "ip", "-o", "-4", "addr", "show", "eth0"],
                               capture_output=True, text=True, timeout=30)
         assert "198.18.0.12/24" in addr.stdout, addr.stderr
     finally:
-        down = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=60)
+        down = subprocess.run([*cli, "down", *tag], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0 and "removed 5 object(s)" in down.stdout, down.stdout + down.stderr
-    assert [n for n in project_objects() if n.startswith("opdcli.")] == []
+    assert [n for n in project_objects() if n.startswith("opdclitest.")] == []
