@@ -24,6 +24,21 @@
 #   NODE_RANK [0]          this node's rank, 0..NNODES-1
 #   MASTER_ADDR [127.0.0.1; required when NNODES>1]      rendezvous host (node 0)
 #   MASTER_PORT [29500]    rendezvous port
+#   GLOO_SOCKET_IFNAME [NNODES>1: this node's interface towards MASTER_ADDR (`ip route get`; on node 0
+#                          the interface that holds MASTER_ADDR)]   network interface gloo binds to (the
+#                          CPU process groups; the only ones on CPU). Unset, gloo binds to the address this
+#                          node's hostname resolves to, often 127.0.0.1 (/etc/hosts): the other nodes then get
+#                          "Connection refused ... remote=[127.0.0.1]" and node 0 waits until the timeout.
+#                          Set it when the route to MASTER_ADDR is not the network the nodes share
+#   MAX_RESTARTS [0]       torchrun --max-restarts N: when a trainer process dies, every node's agent restarts
+#                          its processes (up to N times) and the job resumes from its last checkpoint in
+#                          SAVE_DIR by itself. N>0 switches torchrun from its static rendezvous to the c10d
+#                          one (--rdzv-backend c10d --rdzv-endpoint MASTER_ADDR:MASTER_PORT, node 0 hosts it):
+#                          with the static one a restarted node reads its peers' stale addresses and fails.
+#                          The nodes' ranks then follow their addresses (--local-addr, the address on
+#                          GLOO_SOCKET_IFNAME), not NODE_RANK. A node that dies entirely (agent included):
+#                          relaunch the same command on every node; the run resumes from the last checkpoint
+#   RDZV_ID [megatron-opd] rendezvous id with MAX_RESTARTS>0 (the same on every node of one job)
 #   GPUS_PER_NODE [GPUs listed by nvidia-smi, else 8]    trainer processes per node
 #   TRAIN_GPUS [unset]     CUDA_VISIBLE_DEVICES for the trainer (e.g. 0,1,2,3 when the other GPUs
 #                          serve SGLang); sets GPUS_PER_NODE to its length when that is unset.
@@ -147,6 +162,7 @@ set_defaults() {
     MODE=${MODE:-auto}; DRY_RUN=${DRY_RUN:-0}; START_SERVERS=${START_SERVERS:-0}
     NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; GPUS_PER_NODE=${GPUS_PER_NODE:-$(count_gpus)}
+    GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-}; MAX_RESTARTS=${MAX_RESTARTS:-0}; RDZV_ID=${RDZV_ID:-megatron-opd}
     TP=${TP:-1}; PP=${PP:-1}; VPP=${VPP:-}; CP=${CP:-1}; SP=${SP:-auto}
     EP=${EP:-1}; ETP=${ETP:-}; MOE_AUX_LOSS_COEFF=${MOE_AUX_LOSS_COEFF:-}; MOE_ROUTER_DTYPE=${MOE_ROUTER_DTYPE:-}
     MOE_TOKEN_DISPATCHER=${MOE_TOKEN_DISPATCHER:-}
@@ -186,7 +202,7 @@ require_int() {  # require_int NAME MIN
 validate_layout() {
     local name world model_parallel expert_parallel
     for name in NNODES GPUS_PER_NODE TP PP CP EP MASTER_PORT; do require_int "$name" 1; done
-    require_int NODE_RANK 0
+    require_int NODE_RANK 0; require_int MAX_RESTARTS 0
     (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
     if (( NNODES > 1 )) && [[ "$MASTER_ADDR" =~ ^(127\.|localhost$) ]]; then
         die "NNODES=$NNODES needs MASTER_ADDR set to node 0's address reachable from every node (got '$MASTER_ADDR')"
@@ -207,6 +223,46 @@ validate_layout() {
         0) ;;
         *) die "SP must be auto, 0 or 1, got '$SP'" ;;
     esac
+}
+
+# interface_towards ADDR -> the network interface this node reaches ADDR (a name or an IPv4 address)
+# through: the interface holding ADDR when it is this node's own address (node 0; `ip route get` would say
+# "lo" there), else the one `ip route get` picks. Prints nothing when it cannot tell.
+interface_towards() {
+    local addr=$1 dev
+    command -v ip > /dev/null 2>&1 || return 0
+    if ! [[ "$addr" =~ ^[0-9.]+$ ]]; then
+        addr=$(getent ahostsv4 "$addr" 2> /dev/null | awk 'NR == 1 {print $1}')
+        [ -n "$addr" ] || return 0
+    fi
+    dev=$(ip -o -4 addr show to "$addr/32" 2> /dev/null | awk 'NR == 1 {print $2}')
+    if [ -z "$dev" ]; then dev=$(ip -o route get "$addr" 2> /dev/null | sed -n 's/.* dev \([^ ]*\).*/\1/p'); fi
+    echo "$dev"
+}
+
+# choose_gloo_interface: on multi-node runs, gloo must bind to the network the nodes share (see
+# GLOO_SOCKET_IFNAME above); keep the user's choice, else derive it from the route to MASTER_ADDR
+choose_gloo_interface() {
+    GLOO_IFNAME_SOURCE="set by the caller"
+    if [ -n "$GLOO_SOCKET_IFNAME" ] || (( NNODES == 1 )); then return 0; fi
+    GLOO_SOCKET_IFNAME=$(interface_towards "$MASTER_ADDR")
+    GLOO_IFNAME_SOURCE="this node's route to MASTER_ADDR=$MASTER_ADDR; each node derives its own at launch"
+    if [ -n "$GLOO_SOCKET_IFNAME" ] && [ "$DRY_RUN" != 1 ]; then
+        echo "run_block64.sh: GLOO_SOCKET_IFNAME=$GLOO_SOCKET_IFNAME (the interface towards MASTER_ADDR=$MASTER_ADDR)" >&2
+    fi
+    if [ -z "$GLOO_SOCKET_IFNAME" ]; then
+        GLOO_IFNAME_SOURCE="not found here (no route to MASTER_ADDR=$MASTER_ADDR); gloo falls back to the address of \`hostname\`"
+        if [ "$DRY_RUN" != 1 ]; then
+            echo "run_block64.sh: warning: found no interface that reaches MASTER_ADDR=$MASTER_ADDR; gloo will bind to the address '$(hostname)' resolves to, and fails if that is 127.0.0.1. Set GLOO_SOCKET_IFNAME to the interface the nodes share." >&2
+        fi
+    fi
+}
+
+# node_address -> this node's IPv4 address on GLOO_SOCKET_IFNAME (MASTER_ADDR on one node); empty if unknown
+node_address() {
+    if (( NNODES == 1 )); then echo "$MASTER_ADDR"; return; fi
+    [ -n "$GLOO_SOCKET_IFNAME" ] && command -v ip > /dev/null 2>&1 || return 0
+    ip -o -4 addr show dev "$GLOO_SOCKET_IFNAME" 2> /dev/null | awk 'NR == 1 {split($4, a, "/"); print a[1]}'
 }
 
 # gpu_ids LIST -> one GPU id per line (LIST is comma-separated)
@@ -308,9 +364,20 @@ build_command() {
     else
         launcher=("$PYTHON" -m torch.distributed.run)
     fi
-    COMMAND=("${launcher[@]}" --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$GPUS_PER_NODE"
-             --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"
-             -m megatron_opd.cli train "${TRAIN_ARGS[@]}" "$@")
+    COMMAND=("${launcher[@]}" --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE")
+    if (( MAX_RESTARTS == 0 )); then
+        COMMAND+=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+    else
+        # c10d rendezvous (see MAX_RESTARTS): node 0 hosts it; each node names its own address, since a
+        # hostname that resolves to 127.0.0.1 would send the other nodes to their own loopback
+        local is_host=0 address
+        if (( NODE_RANK == 0 )); then is_host=1; fi
+        address=$(node_address)
+        COMMAND+=(--max-restarts "$MAX_RESTARTS" --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT"
+                  --rdzv-id "$RDZV_ID" --rdzv-conf "is_host=$is_host")
+        if [ -n "$address" ]; then COMMAND+=(--local-addr "$address"); fi
+    fi
+    COMMAND+=(-m megatron_opd.cli train "${TRAIN_ARGS[@]}" "$@")
 }
 
 # print_words WORD...: one shell-ready line; quotes only words that need it (printf %q would escape commas)
@@ -326,6 +393,7 @@ print_plan() {
     echo "# megatron-opd Block64 run plan (DRY_RUN=1: nothing was started)"
     echo "layout: NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE world=$(( NNODES * GPUS_PER_NODE ))" \
          "TP=$TP PP=$PP VPP=${VPP:-none} CP=$CP SP=$SP EP=$EP ETP=${ETP:-$TP} -> DP=$DP; node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
+    if (( NNODES > 1 )); then echo "gloo interface: GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-unset} ($GLOO_IFNAME_SOURCE)"; fi
     echo "rollout (student) SGLang endpoints: $ROLLOUT_URLS"
     echo "teacher SGLang endpoints: $TEACHER_URLS"
     if [ "$START_SERVERS" = 1 ]; then
@@ -335,6 +403,8 @@ print_plan() {
     fi
     echo "trainer command (run on every node with its own NODE_RANK):"
     if [ -n "${TRAIN_GPUS:-}" ]; then printf 'CUDA_VISIBLE_DEVICES=%s ' "$TRAIN_GPUS"; fi
+    if [ -n "$GLOO_SOCKET_IFNAME" ]; then printf 'GLOO_SOCKET_IFNAME=%s ' "$GLOO_SOCKET_IFNAME"; fi
+    if (( MAX_RESTARTS > 0 )); then printf 'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 '; fi
     print_words "${COMMAND[@]}"
 }
 
@@ -361,6 +431,9 @@ run_train() {
     if [ "$START_SERVERS" = 1 ]; then start_servers; fi
     check_inputs
     if [ -n "${TRAIN_GPUS:-}" ]; then export CUDA_VISIBLE_DEVICES=$TRAIN_GPUS; fi
+    if [ -n "$GLOO_SOCKET_IFNAME" ]; then export GLOO_SOCKET_IFNAME; fi
+    # a fresh store per restart round: the shared one keeps the previous round's addresses (torch 2.13)
+    if (( MAX_RESTARTS > 0 )); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
     "${COMMAND[@]}"
 }
 
@@ -378,6 +451,7 @@ main() {
         exec "$PYTHON" -m megatron_opd.cli demo "$@"
     fi
     validate_layout
+    choose_gloo_interface
     check_gpu_split
     resolve_endpoints
     build_train_args

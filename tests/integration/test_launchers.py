@@ -22,7 +22,7 @@ ACCEPTANCE_ENV = {"DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "0", "GPUS_PER_NOD
 _LAUNCH_VARS = re.compile(r"^(TP|PP|VPP|CP|SP|NNODES|NODE_RANK|MASTER_ADDR|MASTER_PORT|GPUS_PER_NODE|TRAIN_GPUS|"
                           r"ROLLOUT_URLS|TEACHER_URLS|MODE|DRY_RUN|START_SERVERS|EXTRA_ARGS|TORCHRUN|PYTHON|"
                           r"(STUDENT|TEACHER)_\w+|GATE\w*|RUN_DIR|SGLANG_\w+|ROUTER\w*|ADVERTISE_HOST|DISTRIBUTED_\w+|EP|ETP|"
-                          r"MOE_\w+|RECIPE|MODELS_DIR)$")
+                          r"MOE_\w+|RECIPE|MODELS_DIR|GLOO_SOCKET_IFNAME|MAX_RESTARTS|RDZV_ID)$")
 
 
 def _env(**extra):
@@ -125,6 +125,31 @@ def test_qwen3_30b_a3b_recipe_layout():
     result = _run(LAUNCHER, env=_env(**{**env, "ETP": "4"}))  # 4*8 expert ranks do not fit 8 GPUs
     assert result.returncode != 0 and "not divisible by ETP*EP*PP = 4*8*1 = 32" in result.stderr
     assert "--expert-model-parallel-size" not in _torchrun_words(_plan())  # dense default: no MoE flags
+
+
+def test_multi_node_gloo_interface_is_kept_or_explained():
+    # node0 does not resolve here: the plan says so (each node derives its own interface at launch)
+    assert "GLOO_SOCKET_IFNAME=unset (not found here (no route to MASTER_ADDR=node0)" in _plan()
+    plan = _plan(GLOO_SOCKET_IFNAME="ib0")
+    assert "GLOO_SOCKET_IFNAME=ib0 (set by the caller)" in plan
+    assert plan.strip().splitlines()[-1].startswith("GLOO_SOCKET_IFNAME=ib0 ")
+    assert "gloo interface" not in _plan(NNODES="1", MASTER_ADDR="127.0.0.1")  # one node: gloo's default
+
+
+@pytest.mark.parametrize("node_rank, is_host", [("0", "1"), ("1", "0")])
+def test_max_restarts_switches_to_the_c10d_rendezvous(node_rank, is_host):
+    static = _torchrun_words(_plan(NODE_RANK=node_rank))
+    assert "--max-restarts" not in static and _value(static, "--node-rank") == node_rank
+    plan = _plan(NODE_RANK=node_rank, MAX_RESTARTS="2", GLOO_SOCKET_IFNAME="lo")
+    words = _torchrun_words(plan)
+    assert plan.strip().splitlines()[-1].startswith("GLOO_SOCKET_IFNAME=lo TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 ")
+    assert (_value(words, "--max-restarts"), _value(words, "--rdzv-backend"), _value(words, "--rdzv-endpoint"),
+            _value(words, "--rdzv-id"), _value(words, "--rdzv-conf")) == (
+        "2", "c10d", "node0:29500", "megatron-opd", f"is_host={is_host}")
+    assert _value(words, "--local-addr") == "127.0.0.1"  # this node's address on GLOO_SOCKET_IFNAME
+    assert "--node-rank" not in words and "--master-addr" not in words  # the rendezvous assigns the ranks
+    result = _run(LAUNCHER, env=_env(**{**ACCEPTANCE_ENV, "MAX_RESTARTS": "-1"}))
+    assert result.returncode != 0 and "MAX_RESTARTS must be an integer >= 0, got '-1'" in result.stderr
 
 
 def test_given_endpoints_and_extra_flags_pass_through():
