@@ -40,7 +40,10 @@ def score_payload(prompt: list[int], response: list[int], top_k: int, rid: str) 
 
 def parse_score_answer(body, *, rid: str, response: list[int], top_k: int,
                        vocab_size: int | None = None) -> TeacherScore:
-    """A validated, response-aligned ``TeacherScore`` from one scoring answer."""
+    """A validated, response-aligned ``TeacherScore`` from one scoring answer.
+
+    ``vocab_size``: the served model's config vocab_size; ids outside it are rejected, and SGLang's
+    echo of its last id as 0 is accepted with it (``sglang_protocol.echoes_input_id``)."""
     meta = single_answer(body, rid)["meta_info"]
     entries = meta.get("input_token_logprobs")
     if not isinstance(entries, list) or len(entries) != len(response) + 1:
@@ -49,7 +52,8 @@ def parse_score_answer(body, *, rid: str, response: list[int], top_k: int,
     first = entries[0]
     if first is not None and not (isinstance(first, list) and first and first[0] is None):
         raise RetryableError(f"input_token_logprobs[0] should be null (no context), got {str(first)[:60]}")
-    token_lp = parse_logprob_triples(entries[1:], list(response), "input_token_logprobs[1:]")
+    token_lp = parse_logprob_triples(entries[1:], list(response), "input_token_logprobs[1:]",
+                                     input_vocab_size=vocab_size)
     if top_k <= 0:
         return TeacherScore(token_logprobs=torch.tensor(token_lp, dtype=torch.float32))
     tops = meta.get("input_top_logprobs")
