@@ -95,10 +95,11 @@ class SGLangRolloutEngine(RolloutEngine):
         return min(self.nucleus_top_n, self.vocab_size or self.nucleus_top_n)
 
     def seeds_take_effect(self) -> bool:
-        """Whether every generate URL runs with ``--enable-deterministic-inference`` (asked once, from
-        ``/get_server_info``; a URL that does not tell, e.g. a router, counts as not deterministic)."""
+        """Whether every server that generates runs with ``--enable-deterministic-inference`` (asked once,
+        from ``/get_server_info`` of the workers: a router answers with its own info, which does not tell;
+        a URL that does not tell counts as not deterministic)."""
         if self._seeds_take_effect is None:
-            infos = run_sync(self.weights.server_infos(self.urls))
+            infos = run_sync(self.weights.server_infos(self.weights.urls))
             self._seeds_take_effect = all(bool((info or {}).get("enable_deterministic_inference"))
                                           for info in infos.values())
         return self._seeds_take_effect

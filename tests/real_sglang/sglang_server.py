@@ -193,6 +193,7 @@ def _main(argv=None) -> None:
     start_p.add_argument("--model-path", required=True)
     start_p.add_argument("--log-dir", required=True)
     start_p.add_argument("--port", type=int, default=None)
+    start_p.add_argument("--host", default="127.0.0.1", help="address to listen on (e.g. a test host's 198.18.0.x)")
     start_p.add_argument("--max-total-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS)
     start_p.add_argument("--dtype", default=DEFAULT_DTYPE)
     start_p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S)
@@ -205,7 +206,7 @@ def _main(argv=None) -> None:
         return
     extra = [a for a in args.extra if a != "--"]
     server = launch(args.model_path, args.log_dir, port=args.port, max_total_tokens=args.max_total_tokens,
-                    dtype=args.dtype, extra_args=extra)
+                    dtype=args.dtype, extra_args=extra, host=args.host)
     try:
         wait_healthy(server, timeout=args.timeout)
     except RuntimeError as exc:

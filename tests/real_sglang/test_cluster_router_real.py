@@ -284,14 +284,20 @@ def generate_in_background(hosts, engine, params):
     return thread, box
 
 
-def prefills(server) -> int:
-    return Path(server.log_path).read_text(errors="replace").count("Prefill batch")
+def generates_served(server) -> int:
+    """``/generate`` answers ``server`` finished (its access log; the router's health checks are GETs)."""
+    return Path(server.log_path).read_text(errors="replace").count('"POST /generate HTTP/1.1" 200')
+
+
+def decodes(server) -> int:
+    return Path(server.log_path).read_text(errors="replace").count("Decode batch")
 
 
 def wait_busy(server, before: int, timeout: float = 60.0) -> None:
-    """Until ``server`` logged a prefill after ``before`` (requests of the batch are running there)."""
+    """Until ``server`` logged a decode batch after ``before``: requests of the batch are generating
+    there (a prefill line proves nothing: the router's health checks make SGLang generate one token)."""
     deadline = time.monotonic() + timeout
-    while prefills(server) <= before:
+    while decodes(server) <= before:
         assert time.monotonic() < deadline, f"{server.url} got no request of the batch"
         time.sleep(0.2)
 
@@ -315,7 +321,7 @@ def test_student_host_partitioned_mid_rollout_batch_completes_on_the_other_and_i
     engine = fault_engine(hosts)
     thread, box = generate_in_background(hosts, engine, LONG)
     try:
-        wait_busy(b, prefills(b))
+        wait_busy(b, decodes(b))
         hosts.net.link_down(STUDENT_B)
         thread.join(timeout=400)
     finally:
@@ -324,9 +330,9 @@ def test_student_host_partitioned_mid_rollout_batch_completes_on_the_other_and_i
     assert_every_slot_once(box["samples"])
     assert any("timeout" in f for f in engine.runner.failures), engine.runner.failures
     hosts.wait_router_sees({a.url: True, b.url: True})
-    before = prefills(b)
+    before = generates_served(b)
     more = hosts.call(fault_engine(hosts).generate, FAULT_PROMPTS, SamplingParams(max_new_tokens=4, n=2))
-    assert len(more) == 8 and prefills(b) > before, "B did not serve again after the link came back"
+    assert len(more) == 8 and generates_served(b) > before, "B did not serve again after the link came back"
 
 
 def test_server_frozen_past_the_client_timeout_is_aborted_and_failed_over(hosts):
@@ -338,7 +344,7 @@ def test_server_frozen_past_the_client_timeout_is_aborted_and_failed_over(hosts)
     engine = fault_engine(hosts)
     thread, box = generate_in_background(hosts, engine, LONG)
     try:
-        wait_busy(b, prefills(b))
+        wait_busy(b, decodes(b))
         os.killpg(b.pid, signal.SIGSTOP)
         thread.join(timeout=400)
     finally:

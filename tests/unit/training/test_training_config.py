@@ -67,6 +67,9 @@ def test_flags_fill_the_sections():
     (["--max-bad-steps", "0"], "--max-bad-steps"),
     (["--export-hf-at", "x"], "--export-hf-at"),
     (["--prompts-per-rollout", "4", "--samples-per-prompt", "2", "--micro-batch-size", "3"], "--micro-batch-size"),
+    (["--rollout-worker-urls", "http://198.18.0.11:30000"], "--rollout-worker-urls"),  # needs an SGLang --rollout-url
+    (["--sglang-timeout", "0"], "--sglang-timeout"),
+    (["--sglang-unreachable-wait", "-1"], "--sglang-unreachable-wait"),
 ])
 def test_invalid_settings_name_the_flag(extra, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):
