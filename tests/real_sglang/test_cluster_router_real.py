@@ -337,11 +337,13 @@ def test_student_host_partitioned_mid_rollout_batch_completes_on_the_other_and_i
 
 def test_server_frozen_past_the_client_timeout_is_aborted_and_failed_over(hosts):
     """Worker B's processes are stopped (SIGSTOP) while it runs requests of the batch, longer than the
-    client's timeout: the timed-out requests are aborted (on each worker: the router has no
-    /abort_request) and retried; the batch completes with every slot once; after SIGCONT B's log shows
-    the aborts of those rids and the router takes it back."""
+    client's timeout: the timed-out requests are retried through the router and the batch completes with
+    every slot once. After SIGCONT B aborts each timed-out rid (router 0.3.2 drops its connection when the
+    client gives up, and SGLang aborts a request whose client is gone) and has received the client's own
+    /abort_request calls (sent to every worker: the router answers 404 to them); the router takes B back."""
     a, b = hosts.workers
     engine = fault_engine(hosts)
+    aborts_before = abort_calls(b)
     thread, box = generate_in_background(hosts, engine, LONG)
     try:
         wait_busy(b, decodes(b))
@@ -355,7 +357,15 @@ def test_server_frozen_past_the_client_timeout_is_aborted_and_failed_over(hosts)
     assert timed_out, engine.runner.failures
     rids = [f.split("for rid ")[1].split()[0] for f in timed_out]
     deadline = time.monotonic() + 60
-    while not all(f"rid='{rid}'" in Path(b.log_path).read_text(errors="replace") for rid in rids):
-        assert time.monotonic() < deadline, f"no abort of {rids} in B's log"
+    log = ""
+    while not all(f"Abort running request. req.rid='{rid}'" in log for rid in rids) \
+            or abort_calls(b) < aborts_before + len(rids):
+        assert time.monotonic() < deadline, f"B did not abort all of {rids}, or got {abort_calls(b) - aborts_before} " \
+                                            f"/abort_request calls:\n{log[-3000:]}"
         time.sleep(0.5)
+        log = Path(b.log_path).read_text(errors="replace")
     hosts.wait_router_sees({a.url: True, b.url: True})
+
+
+def abort_calls(server) -> int:
+    return Path(server.log_path).read_text(errors="replace").count('"POST /abort_request HTTP/1.1" 200')
