@@ -100,20 +100,28 @@ def main() -> None:
     parser.add_argument("--batch-n", type=int, default=4)
     args = parser.parse_args()
 
-    import cluster
     import sglang_server
-    from transformers import AutoConfig
 
-    from megatron_opd.recipes.common import ModelShape, write_initial_model
-    from megatron_opd.rollout.sglang_client import SGLangRolloutEngine
-    from megatron_opd.testing.netns import HostNet, netns_unavailable_reason
+    from megatron_opd.testing.netns import netns_unavailable_reason
 
     reason = netns_unavailable_reason()
     if reason:
         sys.exit(f"bench_cluster: {reason}")
     os.environ.update(HOST_ENV)
     python = sglang_server.ensure_sglang_env()
-    work = Path(tempfile.mkdtemp(prefix="bench_cluster_"))
+    with tempfile.TemporaryDirectory(prefix="bench_cluster_") as tmp:
+        _run(Path(tmp), python, args)
+
+
+def _run(work: Path, python: Path, args) -> None:
+    import cluster
+    import sglang_server
+    from transformers import AutoConfig
+
+    from megatron_opd.recipes.common import ModelShape, write_initial_model
+    from megatron_opd.rollout.sglang_client import SGLangRolloutEngine
+    from megatron_opd.testing.netns import HostNet
+
     heads = max(args.hidden // 64, 1)
     shape = ModelShape(layers=args.layers, hidden=args.hidden, heads=heads, kv_heads=max(heads // 2, 1), head_dim=64,
                        intermediate=3 * args.hidden, max_positions=512)
