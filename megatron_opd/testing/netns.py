@@ -12,6 +12,7 @@ the hostname, users and the process table.
         net.run(1, ["curl", f"http://{net.hosts[0].addr}:8000/"], timeout=10)
         net.link_down(1)   # host 1 is cut off (its veth is down) ...
         net.link_up(1)     # ... and back
+        net.kill_host(0)   # a crash: SIGKILL everything running inside host 0
 
 Leaving the ``with`` block (normally, by an exception or Ctrl-C; ``atexit`` as a backstop) kills every
 process started in the hosts (SIGTERM to each recorded process group, SIGKILL after a short grace, then
@@ -23,7 +24,8 @@ root namespace to 198.18.0.0/24 goes to the bridge made first, so keep one HostN
 root namespace must talk to the hosts.
 
 Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) and iproute2; ``netns_unavailable_reason()`` says why not.
-Command line (the hosts outlive the command; names use the tag ``cli``):
+Command line (the hosts outlive the command; their names carry the tag ``cli``, or ``--tag WORD``, and
+no test removes them; the tests' own command-line hosts use ``--tag clitest``):
 
     python -m megatron_opd.testing.netns up 3          # hosts host0..host2 = 198.18.0.11..13
     python -m megatron_opd.testing.netns exec host1 -- python -c 'print(1)'
@@ -53,8 +55,10 @@ MAX_HOSTS = 64
 HOST_IFNAME = "eth0"
 CLI_TAG = "cli"
 TERM_GRACE_S = 2.0
-# opd<tag>.<instance><role>: tag = pid of the creating process (or "cli"), role br | v<i> | h<i>
-_NAME = re.compile(r"^opd(?P<tag>\d+|cli)\.(?P<inst>[0-9a-z])(?P<role>br|v\d+|h\d+)$")
+# opd<tag>.<instance><role>: tag = pid of the creating process, or a word for hosts made by the command
+# line (never removed as stale), role br | v<i> | h<i>
+_NAME = re.compile(r"^opd(?P<tag>\d+|[a-z][a-z0-9]*)\.(?P<inst>[0-9a-z])(?P<role>br|v\d+|h\d+)$")
+_TAG_WORD = re.compile(r"^[a-z][a-z0-9]{0,6}$")  # a word, short enough for 15-character interface names
 _B36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
@@ -149,7 +153,7 @@ def _all_objects() -> list[tuple[str, re.Match]]:
 def remove_stale() -> int:
     """Remove hosts left behind by processes that died without cleaning up; returns how many objects."""
     stale = [(name, m["role"]) for name, m in _all_objects()
-             if m["tag"] != CLI_TAG and not _pid_alive(int(m["tag"]))]
+             if m["tag"].isdigit() and not _pid_alive(int(m["tag"]))]
     _delete_objects(stale)
     return len(stale)
 
@@ -278,13 +282,25 @@ class HostNet:
             raise
         return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
+    def kill_host(self, host: int | str) -> None:
+        """A host crash: SIGKILL every process inside ``host`` (whatever its process group) and wait for them."""
+        _kill_netns_processes(self._host(host).netns)
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.5)  # reap ours (the sweep skips zombies' namespaces)
+
     def link_down(self, host: int | str) -> None:
         """Partition ``host``: its veth goes down on the bridge side (its own ``eth0`` keeps its address)."""
         _ip("link", "set", self._veths[self.hosts.index(self._host(host))], "down")
 
     def link_up(self, host: int | str) -> None:
-        """Heal a partition made by ``link_down``."""
+        """Heal a partition made by ``link_down``. Also forgets every host's neighbour (ARP) entries: ARP
+        probes made during the partition leave FAILED entries, and a connection right after healing
+        would then fail with "No route to host" for a few seconds."""
         _ip("link", "set", self._veths[self.hosts.index(self._host(host))], "up")
+        for each in self.hosts:
+            _ip("-n", each.netns, "neigh", "flush", "dev", each.ifname, check=False)
 
 
 @atexit.register
@@ -294,15 +310,15 @@ def _close_live_nets() -> None:  # backstop for nets whose `with` never ran its 
 
 
 # -- command line -----------------------------------------------------------------------------------
-def _cli_hosts() -> list[Host]:
+def _cli_hosts(tag: str) -> list[Host]:
     names = sorted((m["role"], name) for name, m in _all_objects()
-                   if m["tag"] == CLI_TAG and m["role"].startswith("h"))
+                   if m["tag"] == tag and m["role"].startswith("h"))
     return [Host(name=f"host{int(role[1:])}", netns=name, addr=f"{SUBNET_PREFIX}{FIRST_HOST_OCTET + int(role[1:])}")
             for role, name in sorted(names, key=lambda item: int(item[0][1:]))]
 
 
-def _cli_down() -> int:
-    objects = [(name, m["role"]) for name, m in _all_objects() if m["tag"] == CLI_TAG]
+def _cli_down(tag: str) -> int:
+    objects = [(name, m["role"]) for name, m in _all_objects() if m["tag"] == tag]
     _delete_objects(objects)
     return len(objects)
 
@@ -310,34 +326,39 @@ def _cli_down() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_opd.testing.netns",
                                      description="Hosts as network namespaces on one bridge (198.18.0.0/24).")
+    tagged = argparse.ArgumentParser(add_help=False)
+    tagged.add_argument("--tag", default=CLI_TAG,
+                        help=f"which set of hosts, a short word (default {CLI_TAG}); several sets can be up")
     sub = parser.add_subparsers(dest="action", required=True)
-    sub.add_parser("up", help="create N hosts (host0 = 198.18.0.11, ...) that stay up").add_argument(
+    sub.add_parser("up", parents=[tagged], help="create N hosts (host0 = 198.18.0.11, ...) that stay up").add_argument(
         "n_hosts", type=int)
-    sub.add_parser("down", help="kill what runs in the hosts and delete them")
-    sub.add_parser("list", help="print the hosts: name, namespace, address")
-    exec_parser = sub.add_parser("exec", help="run a command inside a host: exec HOST -- CMD...")
+    sub.add_parser("down", parents=[tagged], help="kill what runs in the hosts and delete them")
+    sub.add_parser("list", parents=[tagged], help="print the hosts: name, namespace, address")
+    exec_parser = sub.add_parser("exec", parents=[tagged], help="run a command inside a host: exec HOST -- CMD...")
     exec_parser.add_argument("host", help="host0, 0, or its address")
     exec_parser.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if not _TAG_WORD.match(args.tag):
+        parser.error(f"--tag must be a lowercase word of 1-7 letters/digits starting with a letter, got {args.tag!r}")
 
     reason = netns_unavailable_reason() if args.action == "up" else None
     if reason:
         parser.error(reason)
     if args.action == "up":
-        if _cli_hosts():
-            parser.error("hosts are up already; run `down` first")
-        net = HostNet(args.n_hosts, tag=CLI_TAG).start()
+        if _cli_hosts(args.tag):
+            parser.error(f"hosts tagged {args.tag!r} are up already; run `down` first")
+        net = HostNet(args.n_hosts, tag=args.tag).start()
         net.detach()
         args.action = "list"
     if args.action == "down":
-        print(f"removed {_cli_down()} object(s)")
+        print(f"removed {_cli_down(args.tag)} object(s)")
     elif args.action == "list":
-        for host in _cli_hosts():
+        for host in _cli_hosts(args.tag):
             print(f"{host.name}\t{host.netns}\t{host.addr}")
     else:
-        hosts = {key: h for h in _cli_hosts() for key in (h.name, h.addr, h.name.removeprefix("host"))}
+        hosts = {key: h for h in _cli_hosts(args.tag) for key in (h.name, h.addr, h.name.removeprefix("host"))}
         if args.host not in hosts:
-            parser.error(f"no host {args.host!r}; up: {sorted(h.name for h in _cli_hosts()) or 'none'}")
+            parser.error(f"no host {args.host!r}; up: {sorted(h.name for h in _cli_hosts(args.tag)) or 'none'}")
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             parser.error("give a command: exec HOST -- CMD...")

@@ -74,7 +74,13 @@ def test_hosts_talk_partition_and_heal():
         healed = connect(net, 1, net.hosts[0].addr, timeout=10)
         assert healed.returncode == 0 and healed.stdout.strip() == "hello from 198.18.0.11", healed.stderr
         assert server.poll() is None
-    assert server.poll() is not None  # killed on exit
+        # a host crash takes everything inside, also processes that left the launched command's group
+        net.run(0, ["bash", "-c", "setsid sleep 300 > /dev/null 2>&1 &"])
+        net.kill_host(0)
+        assert server.poll() is not None
+        assert net.run(0, ["true"]).returncode == 0  # the host itself stays usable (a reboot)
+        left = subprocess.run(["ip", "netns", "pids", net.hosts[0].netns], capture_output=True, text=True)
+        assert left.stdout.split() == []
     assert own_objects(net) == []
 
 
@@ -110,15 +116,16 @@ def test_leftovers_of_a_dead_process_are_removed_by_the_next_net():
 
 def test_command_line_up_exec_down():
     cli = [sys.executable, "-m", "megatron_opd.testing.netns"]
-    subprocess.run([*cli, "down"], check=True, capture_output=True)
+    tag = ["--tag", "clitest"]  # leaves the hosts a person made with the default tag alone
+    subprocess.run([*cli, "down", *tag], check=True, capture_output=True)
     try:
-        up = subprocess.run([*cli, "up", "2"], capture_output=True, text=True, timeout=60)
+        up = subprocess.run([*cli, "up", "2", *tag], capture_output=True, text=True, timeout=60)
         assert up.returncode == 0, up.stderr
-        assert "host1\topdcli.0h1\t198.18.0.12" in up.stdout
-        addr = subprocess.run([*cli, "exec", "host1", "--", "ip", "-o", "-4", "addr", "show", "eth0"],
+        assert "host1\topdclitest.0h1\t198.18.0.12" in up.stdout
+        addr = subprocess.run([*cli, "exec", *tag, "host1", "--", "ip", "-o", "-4", "addr", "show", "eth0"],
                               capture_output=True, text=True, timeout=30)
         assert "198.18.0.12/24" in addr.stdout, addr.stderr
     finally:
-        down = subprocess.run([*cli, "down"], capture_output=True, text=True, timeout=60)
+        down = subprocess.run([*cli, "down", *tag], capture_output=True, text=True, timeout=60)
     assert down.returncode == 0 and "removed 5 object(s)" in down.stdout, down.stdout + down.stderr
-    assert [n for n in project_objects() if n.startswith("opdcli.")] == []
+    assert [n for n in project_objects() if n.startswith("opdclitest.")] == []
