@@ -11,6 +11,7 @@ other memory-heavy tests (``-m multihost``). The fault tests come last: they par
 hosts, and restore them before they end.
 """
 
+import contextlib
 import copy
 import json
 import os
@@ -89,6 +90,9 @@ def hosts(sglang_python, tiny_hf_dir, tmp_path_factory):
             hosts.wait_router_sees({s.url: True for s in started[:2]})
             yield hosts
         finally:
+            for server in started:  # all stop at once (each takes up to its 15 s grace)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGTERM)
             for server in started:
                 sglang_server.stop(server)
 
