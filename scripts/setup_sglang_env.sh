@@ -73,9 +73,12 @@ import torchvision.transforms  # noqa: F401  (fails without the torchvision fix)
 import sglang
 import sglang.srt.entrypoints.http_server  # noqa: F401
 import sglang.srt.managers.scheduler  # noqa: F401
+import sglang_router.launch_router  # noqa: F401  (the router in front of remote workers)
+import sglang_router
 want_torch, want_sglang = sys.argv[1:]
 assert torch.__version__.split("+")[0] == want_torch and not torch.version.cuda, torch.__version__
 assert sglang.__version__ == want_sglang, sglang.__version__
+assert sglang_router.__version__ == "0.3.2", sglang_router.__version__
 print(f"real-SGLang env ok: sglang {sglang.__version__}, torch {torch.__version__}")
 EOF
 echo "$WANT" > "$MARKER"

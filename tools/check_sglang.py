@@ -1,6 +1,7 @@
 """Checks a running SGLang server (or router) against the contract the trainer relies on (DESIGN §4).
 
     python tools/check_sglang.py --url http://127.0.0.1:30000 [--weights-dir /shared/hf_export] [--top-k 32]
+    python tools/check_sglang.py --url ROUTER --worker-urls W1,W2 [--weights-dir ...]   # through sglang-router
 
 Runs the same checks the test suite runs against its loopback contract server: health and model
 info, generation answers (ids, finish reasons, finite log-probs, meta_info.id = rid), greedy
@@ -10,6 +11,10 @@ determinism, max_new_tokens / stop_token_ids, batch answers in request order, te
 (only on a server with ``--enable-deterministic-inference``: SGLang ignores ``sampling_seed``
 otherwise, and the client then does not send it), and optionally ``/update_weights_from_disk`` with
 a weight-version check on the answers. Exit code 1 if any check FAILs.
+Through a router (sglang-router 0.3.2), generation goes to ``--url`` and the control calls the router
+does not serve (``/abort_request``, ``/update_weights_from_disk``, ``/model_info``: 404 there) go to
+each ``--worker-urls`` directly, as the trainer does; the router also refuses a batch with a list
+of rids (HTTP 422), so the batch is sent without rids and its order read from ``prompt_tokens``.
 Needs only token ids (no tokenizer); the GPU machine's SGLang version should equal
 ``megatron_opd.versions.SGLANG``.
 """
@@ -35,8 +40,10 @@ PROMPT = [151644, 872, 198, 3838, 374, 220, 17, 10, 17, 30]  # ids valid in Qwen
 class Checker:
     """Runs named checks and records PASS / FAIL / WARN with a detail line."""
 
-    def __init__(self, url: str, prompt: list[int], top_k: int, tol: float) -> None:
+    def __init__(self, url: str, prompt: list[int], top_k: int, tol: float, workers: list[str] | None = None) -> None:
         self.url, self.prompt, self.top_k, self.tol = url.rstrip("/"), prompt, top_k, tol
+        self.workers = [w.rstrip("/") for w in workers] if workers else [self.url]
+        self.router = bool(workers)
         self.http = httpx.Client(timeout=120.0)
         self.results: list[tuple[str, str, str]] = []
         self.rid = 0
@@ -49,14 +56,16 @@ class Checker:
             self.results.append((name, "FAIL", f"{type(err).__name__}: {err}"))
             traceback.print_exc(limit=2, file=sys.stderr)
 
-    def post(self, path: str, body: dict):
-        response = self.http.post(self.url + path, json=body)
+    def post(self, path: str, body: dict, url: str | None = None):
+        url = url or self.url
+        response = self.http.post(url + path, json=body)
         if response.status_code != 200:
-            raise RuntimeError(f"{path} on {self.url}: HTTP {response.status_code}: {error_message(response)}")
+            raise RuntimeError(f"{path} on {url}: HTTP {response.status_code}: {error_message(response)}")
         return response.json()
 
     def server_info(self) -> dict:
-        response = self.http.get(self.url + "/get_server_info")
+        """The first worker's ``/get_server_info`` (a router answers with its own, without server args)."""
+        response = self.http.get(self.workers[0] + "/get_server_info")
         return response.json() if response.status_code == 200 else {}
 
     def generate(self, params: SamplingParams, seed: int | None = None, prompt: list[int] | None = None,
@@ -119,9 +128,14 @@ def check_scoring_alignment(c: Checker) -> str:
 def check_batch(c: Checker) -> str:
     prompts = [c.prompt, c.prompt[:5], c.prompt[2:]]
     rids = [f"check-batch-{i}" for i in range(3)]
-    body = c.post("/generate", {"input_ids": prompts, "rid": rids, "return_logprob": True,
-                                "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}})
+    request = {"input_ids": prompts, "return_logprob": True,
+               "sampling_params": {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}}
+    body = c.post("/generate", request if c.router else {**request, "rid": rids})
     assert isinstance(body, list) and len(body) == 3, f"batch answer is {type(body).__name__} of {len(body)}"
+    lengths = [b["meta_info"]["prompt_tokens"] for b in body]
+    assert lengths == [len(p) for p in prompts], f"batch answers out of order: prompt_tokens {lengths}"
+    if c.router:
+        return "3 answers in request order (the router refuses a list of rids: sent without)"
     got = [b["meta_info"]["id"] for b in body]
     assert got == rids, f"batch answers out of order or ids lost: {got}"
     return "3 answers in request order"
@@ -154,8 +168,10 @@ def check_seeded_sampling(c: Checker) -> str:
 
 
 def check_control(c: Checker) -> str:
-    abort = c.http.post(c.url + "/abort_request", json={"rid": "check-sglang-nonexistent"})
-    assert abort.status_code == 200, f"/abort_request answered HTTP {abort.status_code}: {error_message(abort)}"
+    for url in c.workers:  # a router has no /abort_request: the client aborts on each worker
+        abort = c.http.post(url + "/abort_request", json={"rid": "check-sglang-nonexistent"})
+        assert abort.status_code == 200, f"/abort_request on {url} answered HTTP {abort.status_code}: " \
+                                         f"{error_message(abort)}"
     flush = c.http.post(c.url + "/flush_cache", json={})
     # plain text, not JSON; 400 only while requests run
     assert flush.status_code in (200, 400), f"/flush_cache answered {flush.status_code}"
@@ -165,17 +181,23 @@ def check_control(c: Checker) -> str:
 
 def check_weights(c: Checker, weights_dir: str) -> str:
     version = "check-sglang-v1"
-    body = c.post("/update_weights_from_disk", {"model_path": weights_dir, "load_format": "auto",
-                                                "flush_cache": True, "weight_version": version})
-    assert body.get("success"), body
-    for path in ("/model_info", "/get_weight_version", "/get_model_info"):
-        r = c.http.get(c.url + path)
-        if r.status_code == 200 and r.json().get("weight_version") is not None:
-            assert r.json()["weight_version"] == version, f"{path} reports {r.json()['weight_version']}"
-            # every generate answer names the weights that made it: the client rejects stale ones
-            c.generate(SamplingParams(temperature=0.0, max_new_tokens=2), weight_version=version)
-            return f"loaded {weights_dir}, {path} and meta_info.weight_version report {version}"
-    return "WARN: loaded, but no endpoint reports weight_version"
+    found = []
+    for url in c.workers:  # weights go to each worker directly (a router has no weight endpoints)
+        body = c.post("/update_weights_from_disk", {"model_path": weights_dir, "load_format": "auto",
+                                                    "flush_cache": True, "weight_version": version}, url=url)
+        assert body.get("success"), body
+        for path in ("/model_info", "/get_weight_version", "/get_model_info"):
+            r = c.http.get(url + path)
+            if r.status_code == 200 and r.json().get("weight_version") is not None:
+                assert r.json()["weight_version"] == version, f"{path} on {url} reports {r.json()['weight_version']}"
+                found.append(path)
+                break
+    if len(found) < len(c.workers):
+        return "WARN: loaded, but no endpoint reports weight_version"
+    # every generate answer names the weights that made it: the client rejects stale ones
+    for _ in c.workers:  # through a router: one answer per worker at least with round robin
+        c.generate(SamplingParams(temperature=0.0, max_new_tokens=2), weight_version=version)
+    return f"loaded {weights_dir} on {len(c.workers)} worker(s), {found[0]} and meta_info.weight_version report {version}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--tol", type=float, default=0.05, help="input vs output log-prob tolerance (bf16 GPU)")
     parser.add_argument("--weights-dir", default=None, help="HF safetensors dir to test /update_weights_from_disk")
+    parser.add_argument("--worker-urls", default=None,
+                        help="with --url ROUTER: its workers, comma separated (control and weight calls go there)")
     args = parser.parse_args(argv)
     prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else PROMPT
-    c = Checker(args.url, prompt, args.top_k, args.tol)
+    workers = [u for u in args.worker_urls.split(",") if u.strip()] if args.worker_urls else None
+    c = Checker(args.url, prompt, args.top_k, args.tol, workers)
     checks = [("health/model_info", check_health), ("greedy determinism + length", check_greedy),
               ("stop_token_ids", check_stop), ("teacher scoring [1:] alignment + top-K", check_scoring_alignment),
               ("batch answers in order", check_batch), ("error body (HTTP 400)", check_error_body),

@@ -38,7 +38,10 @@ class SGLangRolloutEngine(RolloutEngine):
 
     url: one server, a router, or a list of workers (a list or one comma-separated string; failover
         in order of health).
-    worker_urls: the workers behind a router (weight sync and health go to each worker directly).
+    worker_urls: the workers behind a router (weight sync, health and aborts go to each worker directly:
+        sglang-router 0.3.2 answers 404 to /update_weights_* and /abort_request).
+    unreachable_wait_s: how long a request waits for a server it cannot connect to before the batch
+        fails naming it (``RetryPolicy.unreachable_wait_s``).
     vocab_size: when given, answers with ids outside [0, vocab_size) are rejected.
     nucleus_top_n: output top log-probs requested to renormalise over the nucleus
         (``SamplingParams.renormalize_logprobs`` with top_p < 1 or top_k > 0).
@@ -50,19 +53,19 @@ class SGLangRolloutEngine(RolloutEngine):
                  max_concurrency: int = 64, timeout_s: float = 300.0, connect_timeout_s: float = 5.0,
                  max_retries: int = 4, backoff_s: float = 0.2, vocab_size: int | None = None,
                  nucleus_top_n: int = 64, on_abort: str = "retry", weight_sync_dir: str | None = None,
-                 hf_config=None, rid_prefix: str | None = None) -> None:
+                 hf_config=None, rid_prefix: str | None = None, unreachable_wait_s: float = 0.0) -> None:
         super().__init__(seed)
         urls = split_urls(url)
         self.policy = RetryPolicy(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
-                                  max_retries=max_retries, backoff_s=backoff_s)
-        self.runner = RequestRunner(WorkerPool(urls), self.policy, max_concurrency)
+                                  max_retries=max_retries, backoff_s=backoff_s, unreachable_wait_s=unreachable_wait_s)
+        workers = split_urls(worker_urls) if worker_urls else None
+        self.runner = RequestRunner(WorkerPool(urls), self.policy, max_concurrency, abort_urls=workers)
         self.vocab_size, self.nucleus_top_n = vocab_size, int(nucleus_top_n)
         if on_abort not in ("retry", "return"):
             raise ValueError(f"SGLangRolloutEngine: on_abort must be 'retry' or 'return', got {on_abort!r}")
         self.on_abort = on_abort
         self.rid_prefix = rid_prefix or f"opd-{uuid.uuid4().hex[:8]}"
-        self.weights = WeightSyncClient(split_urls(worker_urls) if worker_urls else urls, self.policy,
-                                        weight_sync_dir, hf_config)
+        self.weights = WeightSyncClient(workers or urls, self.policy, weight_sync_dir, hf_config)
         self._batches = itertools.count()
         self.expected_weight_version: str | None = None
         """Set by ``update_weights``: answers from other weights are stale (None: not checked yet)."""
@@ -92,10 +95,11 @@ class SGLangRolloutEngine(RolloutEngine):
         return min(self.nucleus_top_n, self.vocab_size or self.nucleus_top_n)
 
     def seeds_take_effect(self) -> bool:
-        """Whether every generate URL runs with ``--enable-deterministic-inference`` (asked once, from
-        ``/get_server_info``; a URL that does not tell, e.g. a router, counts as not deterministic)."""
+        """Whether every server that generates runs with ``--enable-deterministic-inference`` (asked once,
+        from ``/get_server_info`` of the workers: a router answers with its own info, which does not tell;
+        a URL that does not tell counts as not deterministic)."""
         if self._seeds_take_effect is None:
-            infos = run_sync(self.weights.server_infos(self.urls))
+            infos = run_sync(self.weights.server_infos(self.weights.urls))
             self._seeds_take_effect = all(bool((info or {}).get("enable_deterministic_inference"))
                                           for info in infos.values())
         return self._seeds_take_effect

@@ -9,7 +9,9 @@ out are aborted on their server (best effort) so a retry never leaves a duplicat
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import math
 import threading
 import time
@@ -17,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
+
+logger = logging.getLogger(__name__)
 
 
 class SGLangError(RuntimeError):
@@ -33,6 +37,11 @@ class RetryableError(Exception):
 
 class FatalError(Exception):
     """An answer no retry can fix (HTTP 4xx with an error body, impossible request)."""
+
+
+class UnreachableError(RetryableError):
+    """No connection could be made to the server (refused, no route, connect timeout): its host is
+    down or cut off, not answering wrongly."""
 
 
 def run_sync(coro: Awaitable):
@@ -108,6 +117,10 @@ class RetryPolicy:
     backoff_s: float = 0.2
     """first backoff; doubles per attempt, capped at ``max_backoff_s``."""
     max_backoff_s: float = 5.0
+    unreachable_wait_s: float = 0.0
+    """how long a request waits for servers it cannot connect to (a host down or partitioned),
+    logging which one it waits for, before it fails naming it; while it waits, failed connections do
+    not use up ``max_retries``. 0: no waiting (connection failures are ordinary retries)."""
 
     def backoff(self, attempt: int) -> float:
         return min(self.backoff_s * (2 ** attempt), self.max_backoff_s)
@@ -152,13 +165,21 @@ def check_logprob(value, what: str) -> float:
 
 
 class RequestRunner:
-    """Sends requests with bounded concurrency, retries and failover; tracks rids in flight."""
+    """Sends requests with bounded concurrency, retries and failover; tracks rids in flight.
 
-    def __init__(self, pool: WorkerPool, policy: RetryPolicy, max_concurrency: int) -> None:
+    ``abort_urls``: where ``/abort_request`` goes for a request that timed out or is cancelled; None:
+    the server it was sent to. Behind a router give its workers: sglang-router 0.3.2 has no
+    ``/abort_request`` (404), and a rid is unique, so asking every worker aborts exactly that request.
+    """
+
+    def __init__(self, pool: WorkerPool, policy: RetryPolicy, max_concurrency: int,
+                 abort_urls: list[str] | None = None) -> None:
         self.pool, self.policy, self.max_concurrency = pool, policy, int(max_concurrency)
+        self.abort_urls = list(abort_urls) if abort_urls else None
         self.in_flight: dict[str, str] = {}  # rid -> server, for /abort_request on shutdown
         self.attempts = 0
         self.failures: list[str] = []
+        self._last_wait_log: dict[str, float] = {}
 
     def client(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
@@ -191,26 +212,56 @@ class RequestRunner:
         """One logical request: attempts until ``check`` accepts an answer or retries run out."""
         errors: list[str] = []
         server = None
-        for attempt in range(self.policy.max_retries + 1):
+        retries, unreachable_since = 0, None
+        for attempt in itertools.count():  # attempt numbers the rids; ``retries`` counts against the budget
             server = self.pool.pick(avoid=server)
             rid, payload = make(attempt)
             try:
                 return await self._attempt(client, server, path, rid, payload, check)
             except FatalError as err:
                 raise SGLangError(str(err), server, rid) from err
+            except UnreachableError as err:
+                errors.append(str(err))
+                self.failures.append(str(err))
+                unreachable_since = unreachable_since or time.monotonic()
+                if self._still_waiting(server, unreachable_since, err):
+                    await asyncio.sleep(self.policy.backoff(min(attempt, 8)))
+                    continue
+                if self.policy.unreachable_wait_s > 0:
+                    raise SGLangError(f"SGLang server {server} unreachable for {time.monotonic() - unreachable_since:.0f} s "
+                                      f"(waited up to {self.policy.unreachable_wait_s:.0f} s) for rid {rid}: {err}",
+                                      server, rid) from err
             except RetryableError as err:
                 errors.append(str(err))
                 self.failures.append(str(err))
-            if attempt < self.policy.max_retries:
-                await asyncio.sleep(self.policy.backoff(attempt))
+                unreachable_since = None
+            if retries >= self.policy.max_retries:
+                break
+            await asyncio.sleep(self.policy.backoff(retries))
+            retries += 1
         raise SGLangError(f"rid {rid} failed after {len(errors)} attempts (last server {server}): "
                           + " | ".join(errors[-3:]), server, rid)
+
+    def _still_waiting(self, server: str, since: float, err: Exception) -> bool:
+        """Whether to keep waiting for an unreachable ``server``; logs (every ~10 s per server) whom it waits for."""
+        waited = time.monotonic() - since
+        if waited >= self.policy.unreachable_wait_s:
+            return False
+        if time.monotonic() - self._last_wait_log.get(server, -math.inf) >= 10.0:
+            self._last_wait_log[server] = time.monotonic()
+            logger.warning("waiting for SGLang server %s: unreachable for %.0f s (%s); giving up after %.0f s",
+                           server, waited, type(err.__cause__ or err).__name__, self.policy.unreachable_wait_s)
+        return True
 
     async def _attempt(self, client, server: str, path: str, rid: str, payload: dict, check):
         self.attempts += 1
         self.in_flight[rid] = server  # stays there if cancelled: run_all/close abort it
         try:
             response = await client.post(server + path, json=payload)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as err:  # no connection: nothing runs there
+            self.in_flight.pop(rid, None)
+            self.pool.mark_down(server)
+            raise UnreachableError(f"{type(err).__name__} to {server} for rid {rid}: {err}") from err
         except httpx.TimeoutException as err:
             self.in_flight.pop(rid, None)
             self.pool.mark_down(server)
@@ -233,10 +284,13 @@ class RequestRunner:
             raise RetryableError(f"invalid answer from {server} for rid {rid}: {err}") from err
 
     async def _abort(self, client: httpx.AsyncClient, server: str, rid: str) -> None:
-        try:
-            await client.post(server + "/abort_request", json={"rid": rid}, timeout=2.0)
-        except httpx.HTTPError:
-            pass  # best effort: the worker may be dead
+        async def one(url: str) -> None:
+            try:
+                await client.post(url + "/abort_request", json={"rid": rid}, timeout=2.0)
+            except httpx.HTTPError:
+                pass  # best effort: the worker may be dead or cut off
+
+        await asyncio.gather(*(one(url) for url in (self.abort_urls or [server])))
 
     async def abort_in_flight(self, client: httpx.AsyncClient | None = None) -> None:
         """POST /abort_request for every rid still in flight (shutdown / interrupted batch)."""

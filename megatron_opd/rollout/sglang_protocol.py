@@ -92,14 +92,34 @@ def parse_token_ids(values, what: str, vocab_size: int | None) -> list[int]:
     return values
 
 
-def parse_logprob_triples(entries, token_ids: list[int], what: str) -> list[float]:
-    """Log-probs from [logprob, token_id, text|null] triples, checked against ``token_ids``."""
+def echoes_input_id(reported, sent: int, served_vocab_size: int | None) -> bool:
+    """Whether ``reported`` is how SGLang echoes the input id ``sent`` in ``input_token_logprobs``.
+
+    SGLang 0.5.23 reports id 0 for the last id of the vocabulary: in
+    ``srt/managers/scheduler_components/logprob_result_processor.py``,
+    ``SchedulerLogprobResultProcessor._process_input_token_logprobs`` clips with
+    ``x if x < self.model_config.vocab_size - 1 else 0`` (meant for image-token hashes, off by one).
+    That vocab_size is the served ``config.json``'s (not the tokenizer's), and only the ids of
+    ``input_token_logprobs`` go through it: output ids and top-K ids come back as they are. The
+    log-prob itself is the one of ``sent``. So exactly one substitution is accepted: 0 for
+    ``served_vocab_size - 1``; a server that echoes the id unchanged passes too."""
+    if reported == sent:
+        return True
+    return served_vocab_size is not None and sent == served_vocab_size - 1 and reported == 0
+
+
+def parse_logprob_triples(entries, token_ids: list[int], what: str, *,
+                          input_vocab_size: int | None = None) -> list[float]:
+    """Log-probs from [logprob, token_id, text|null] triples, checked against ``token_ids``.
+
+    ``input_vocab_size``: for ``input_token_logprobs`` only, the served model's config vocab_size,
+    under which SGLang's echo of the last id is read (see :func:`echoes_input_id`)."""
     if not isinstance(entries, list) or len(entries) != len(token_ids):
         size = len(entries) if isinstance(entries, list) else type(entries).__name__
         raise RetryableError(f"{what} has {size} entries for {len(token_ids)} tokens")
     out = []
     for t, (entry, tok) in enumerate(zip(entries, token_ids)):
-        if not isinstance(entry, list) or len(entry) < 2 or entry[1] != tok:
+        if not isinstance(entry, list) or len(entry) < 2 or not echoes_input_id(entry[1], tok, input_vocab_size):
             raise RetryableError(f"{what}[{t}] is {str(entry)[:60]}, expected [logprob, {tok}, text]")
         out.append(check_logprob(entry[0], f"{what}[{t}]"))
     return out

@@ -45,6 +45,10 @@ def write_hf_safetensors(state_dict: dict[str, torch.Tensor], directory: str | P
     return directory
 
 
+BUSY_ATTEMPTS = 10
+"""attempts of a call that a busy server answers with 400 (``/flush_cache``), whatever max_retries is."""
+
+
 class WeightSyncClient:
     """Weight and cache calls sent to each worker directly."""
 
@@ -67,7 +71,11 @@ class WeightSyncClient:
         """POST with retries on 5xx/transport errors (and on 400 when ``busy_retry``); returns the JSON
         body, or the text body with ``text_body`` (``/flush_cache`` answers plain text)."""
         last = ""
-        for attempt in range(self.policy.max_retries + 1):
+        # A busy answer is no fault: behind sglang-router a worker is often busy with the router's health
+        # checks (SGLang's /health generates one token on an idle server), so busy retries do not stop
+        # at max_retries.
+        attempts = max(self.policy.max_retries + 1, BUSY_ATTEMPTS if busy_retry else 0)
+        for attempt in range(attempts):
             try:
                 response = await client.post(url + path, json=payload)
                 if response.status_code == 200 and text_body:
@@ -78,7 +86,7 @@ class WeightSyncClient:
             except httpx.TransportError as err:
                 last = f"{type(err).__name__}: {err}"
             await asyncio.sleep(self.policy.backoff(attempt))
-        raise SGLangError(f"{path} on {url} failed after {self.policy.max_retries + 1} attempts: {last}", url)
+        raise SGLangError(f"{path} on {url} failed after {attempts} attempts: {last}", url)
 
     async def health(self, urls: list[str]) -> dict[str, bool]:
         async with self._client() as client:

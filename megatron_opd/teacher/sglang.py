@@ -40,7 +40,10 @@ def score_payload(prompt: list[int], response: list[int], top_k: int, rid: str) 
 
 def parse_score_answer(body, *, rid: str, response: list[int], top_k: int,
                        vocab_size: int | None = None) -> TeacherScore:
-    """A validated, response-aligned ``TeacherScore`` from one scoring answer."""
+    """A validated, response-aligned ``TeacherScore`` from one scoring answer.
+
+    ``vocab_size``: the served model's config vocab_size; ids outside it are rejected, and SGLang's
+    echo of its last id as 0 is accepted with it (``sglang_protocol.echoes_input_id``)."""
     meta = single_answer(body, rid)["meta_info"]
     entries = meta.get("input_token_logprobs")
     if not isinstance(entries, list) or len(entries) != len(response) + 1:
@@ -49,7 +52,8 @@ def parse_score_answer(body, *, rid: str, response: list[int], top_k: int,
     first = entries[0]
     if first is not None and not (isinstance(first, list) and first and first[0] is None):
         raise RetryableError(f"input_token_logprobs[0] should be null (no context), got {str(first)[:60]}")
-    token_lp = parse_logprob_triples(entries[1:], list(response), "input_token_logprobs[1:]")
+    token_lp = parse_logprob_triples(entries[1:], list(response), "input_token_logprobs[1:]",
+                                     input_vocab_size=vocab_size)
     if top_k <= 0:
         return TeacherScore(token_logprobs=torch.tensor(token_lp, dtype=torch.float32))
     tops = meta.get("input_top_logprobs")
@@ -78,15 +82,17 @@ class SGLangTeacher(TeacherEngine):
     def __init__(self, url: str | list[str], *, worker_urls: tuple[str, ...] | list[str] = (),
                  temperature: float = 1.0, max_concurrency: int = 64, timeout_s: float = 300.0,
                  connect_timeout_s: float = 5.0, max_retries: int = 4, backoff_s: float = 0.2,
-                 vocab_size: int | None = None, rid_prefix: str | None = None) -> None:
+                 vocab_size: int | None = None, rid_prefix: str | None = None,
+                 unreachable_wait_s: float = 0.0) -> None:
         if temperature != 1.0:
             raise ValueError(f"SGLangTeacher: temperature must be 1.0 (got {temperature}); prompt log-prob "
                              "temperature scaling differs between SGLang versions; use LocalTeacher")
         urls = split_urls(url)  # a list, or one comma-separated string
         self.policy = RetryPolicy(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
-                                  max_retries=max_retries, backoff_s=backoff_s)
-        self.runner = RequestRunner(WorkerPool(urls), self.policy, max_concurrency)
-        self.weights = WeightSyncClient(split_urls(worker_urls) if worker_urls else urls, self.policy)
+                                  max_retries=max_retries, backoff_s=backoff_s, unreachable_wait_s=unreachable_wait_s)
+        workers = split_urls(worker_urls) if worker_urls else None
+        self.runner = RequestRunner(WorkerPool(urls), self.policy, max_concurrency, abort_urls=workers)
+        self.weights = WeightSyncClient(workers or urls, self.policy)
         self.temperature, self.vocab_size = 1.0, vocab_size
         self.rid_prefix = rid_prefix or f"opd-teacher-{uuid.uuid4().hex[:8]}"
         self._batches = itertools.count()

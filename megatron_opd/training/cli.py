@@ -83,6 +83,14 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     # engines
     "--rollout-url": ("engines", "rollout_url", None, "SGLang URL(s), comma separated, or local"),
     "--teacher-url": ("engines", "teacher_url", None, "SGLang URL(s), comma separated, or local"),
+    "--rollout-worker-urls": ("engines", "rollout_worker_urls", None,
+                              "with --rollout-url ROUTER: the SGLang workers behind it, comma separated "
+                              "(weight sync and aborts go to each directly)"),
+    "--sglang-timeout": ("engines", "sglang_timeout_s", None, "seconds one SGLang request may take before it "
+                         "is aborted and retried (on another worker where there is one)"),
+    "--sglang-unreachable-wait": ("engines", "sglang_unreachable_wait_s", None,
+                                  "seconds to wait for an SGLang host that cannot be reached (logging which) "
+                                  "before the run stops naming it; a relaunch resumes from the last checkpoint"),
     "--prompts-per-rollout": ("engines", "prompts_per_rollout", None, "prompts in one rollout batch"),
     "--samples-per-prompt": ("engines", "samples_per_prompt", None, "samples per prompt"),
     "--temperature": ("engines", "temperature", None, "rollout temperature"),

@@ -96,13 +96,18 @@ def _engines(cfg: OPDConfig, student: Student, tokenizer):
     from megatron_opd.teacher import build_teacher_engine
 
     _check_teacher_tokenizer(cfg, tokenizer)
-    remote = cfg.engines.rollout_url.startswith(("http://", "https://"))
-    # SGLang reloads weights from HF safetensors on a path every server can read (the run dir).
-    options = {"weight_sync_dir": str(Path(cfg.log.run_dir) / "weight_sync")} if remote else {}
-    rollout = build_rollout_engine(cfg.engines.rollout_url, hf_config=student.hf_config,
+    eng = cfg.engines
+    waits = {"timeout_s": eng.sglang_timeout_s, "unreachable_wait_s": eng.sglang_unreachable_wait_s}
+    options = {}
+    if eng.rollout_url.startswith(("http://", "https://")):
+        # SGLang reloads weights from HF safetensors on a path every server can read (the run dir).
+        options = {"weight_sync_dir": str(Path(cfg.log.run_dir) / "weight_sync"), "worker_urls":
+                   eng.rollout_worker_urls, **waits}
+    rollout = build_rollout_engine(eng.rollout_url, hf_config=student.hf_config,
                                    vocab_size=student.vocab_size, seed=cfg.optim.seed, **options)
-    teacher = build_teacher_engine(cfg.engines.teacher_url, model_dir=cfg.model.teacher_hf,
-                                   vocab_size=student.vocab_size, temperature=cfg.engines.teacher_temperature)
+    teacher = build_teacher_engine(eng.teacher_url, model_dir=cfg.model.teacher_hf, vocab_size=student.vocab_size,
+                                   temperature=eng.teacher_temperature,
+                                   **(waits if eng.teacher_url.startswith(("http://", "https://")) else {}))
     return rollout, teacher
 
 

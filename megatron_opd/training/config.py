@@ -149,8 +149,18 @@ class EngineConfig:
     max_new_tokens: int = 1024
     teacher_temperature: float = 1.0
     """Temperature the teacher is scored at; the objectives assume 1 (the teacher's own distribution)."""
+    rollout_worker_urls: str = ""
+    """With --rollout-url pointing at an sglang-router: its workers (comma separated), which get the
+    weight syncs and aborts directly (the router serves neither); empty: the --rollout-url servers."""
+    sglang_timeout_s: float = 300.0
+    sglang_unreachable_wait_s: float = 300.0
 
     def __post_init__(self):
+        _require(not self.rollout_worker_urls or self.rollout_url.startswith(("http://", "https://")),
+                 "--rollout-worker-urls needs SGLang --rollout-url (a router URL)")
+        _require(self.sglang_timeout_s > 0, f"--sglang-timeout must be > 0, got {self.sglang_timeout_s}")
+        _require(self.sglang_unreachable_wait_s >= 0,
+                 f"--sglang-unreachable-wait must be >= 0, got {self.sglang_unreachable_wait_s}")
         _require(self.prompts_per_rollout > 0, "--prompts-per-rollout must be > 0")
         _require(self.samples_per_prompt > 0, "--samples-per-prompt must be > 0")
         _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")

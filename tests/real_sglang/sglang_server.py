@@ -91,15 +91,19 @@ class RealServer:
 
 def launch(model_path, log_dir, *, port: int | None = None, max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS,
            dtype: str = DEFAULT_DTYPE, extra_args=(), env: dict | None = None,
-           python: Path | None = None) -> RealServer:
-    """Spawn a server for the HF directory ``model_path`` without waiting for it (see :func:`wait_healthy`)."""
+           python: Path | None = None, host: str = "127.0.0.1", command_prefix=()) -> RealServer:
+    """Spawn a server for the HF directory ``model_path`` without waiting for it (see :func:`wait_healthy`).
+
+    ``host``: the address it listens on; ``command_prefix``: e.g. ``ip netns exec NS`` to start it
+    inside a test host (``tests/real_sglang/cluster.py``; give ``port`` then: it is free there)."""
     python = python or ensure_sglang_env()
     port = port or free_port()
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"sglang-{port}.log"
-    cmd = [str(python), "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", "127.0.0.1",
-           "--port", str(port), *CPU_FLAGS, "--max-total-tokens", str(max_total_tokens), "--dtype", dtype, *map(str, extra_args)]
+    log_path = log_dir / f"sglang-{host}-{port}.log"
+    cmd = [*map(str, command_prefix), str(python), "-m", "sglang.launch_server", "--model-path", str(model_path),
+           "--host", host, "--port", str(port), *CPU_FLAGS, "--max-total-tokens", str(max_total_tokens),
+           "--dtype", dtype, *map(str, extra_args)]
     # One thread per server process: the box is shared, and the tiny test models gain nothing from more.
     full_env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     with open(log_path, "w") as log:
@@ -107,7 +111,7 @@ def launch(model_path, log_dir, *, port: int | None = None, max_total_tokens: in
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
                                 cwd=log_dir)
-    return RealServer(url=f"http://127.0.0.1:{port}", port=port, pid=proc.pid, model_path=str(model_path),
+    return RealServer(url=f"http://{host}:{port}", port=port, pid=proc.pid, model_path=str(model_path),
                       log_path=str(log_path))
 
 
@@ -131,11 +135,12 @@ def health_ok(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def wait_healthy(server: RealServer, timeout: float = HEALTH_TIMEOUT_S) -> RealServer:
-    """Block until ``/health`` answers 200; raises with the server's log when it dies or times out."""
+def wait_healthy(server: RealServer, timeout: float = HEALTH_TIMEOUT_S, probe=health_ok) -> RealServer:
+    """Block until ``/health`` answers 200 (``probe(url)``: e.g. asked from inside a test host);
+    raises with the server's log when it dies or times out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if health_ok(server.url):
+        if probe(server.url):
             return server
         if not _alive(server.pid):
             raise RuntimeError(f"SGLang server {server.url} (pid {server.pid}, model {server.model_path}) exited "
@@ -188,6 +193,7 @@ def _main(argv=None) -> None:
     start_p.add_argument("--model-path", required=True)
     start_p.add_argument("--log-dir", required=True)
     start_p.add_argument("--port", type=int, default=None)
+    start_p.add_argument("--host", default="127.0.0.1", help="address to listen on (e.g. a test host's 198.18.0.x)")
     start_p.add_argument("--max-total-tokens", type=int, default=DEFAULT_MAX_TOTAL_TOKENS)
     start_p.add_argument("--dtype", default=DEFAULT_DTYPE)
     start_p.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S)
@@ -200,7 +206,7 @@ def _main(argv=None) -> None:
         return
     extra = [a for a in args.extra if a != "--"]
     server = launch(args.model_path, args.log_dir, port=args.port, max_total_tokens=args.max_total_tokens,
-                    dtype=args.dtype, extra_args=extra)
+                    dtype=args.dtype, extra_args=extra, host=args.host)
     try:
         wait_healthy(server, timeout=args.timeout)
     except RuntimeError as exc:

@@ -24,7 +24,8 @@ def test_flag_set_is_frozen():
         "--load", "--save-hf", "--export-hf-at", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
         "--minibatches-per-rollout", "--logprob-source", "--special-token-mask", "--gate", "--gate-block-size",
         "--gate-tau", "--gate-aggregation", "--gate-fn", "--gate-clip-eps", "--gate-normalization", "--gate-clip-range", "--gate-span-delimiter",
-        "--gate-residual-alpha", "--rollout-url", "--teacher-url", "--prompts-per-rollout", "--samples-per-prompt",
+        "--gate-residual-alpha", "--rollout-url", "--teacher-url", "--rollout-worker-urls",
+        "--sglang-timeout", "--sglang-unreachable-wait", "--prompts-per-rollout", "--samples-per-prompt",
         "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--data-path", "--prompt-field",
         "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
         "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
@@ -87,6 +88,9 @@ def test_flags_fill_the_sections():
     (["--export-hf-at", "x"], "--export-hf-at"),
     (["--prompts-per-rollout", "4", "--samples-per-prompt", "2", "--micro-batch-size", "3"], "--micro-batch-size"),
     (["--max-tokens-per-micro-batch", "-1"], "--max-tokens-per-micro-batch"),
+    (["--rollout-worker-urls", "http://198.18.0.11:30000"], "--rollout-worker-urls"),  # needs an SGLang --rollout-url
+    (["--sglang-timeout", "0"], "--sglang-timeout"),
+    (["--sglang-unreachable-wait", "-1"], "--sglang-unreachable-wait"),
 ])
 def test_invalid_settings_name_the_flag(extra, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):
