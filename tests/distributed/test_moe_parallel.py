@@ -5,7 +5,8 @@ Two tiny models: 8 experts top-2 with HF ``norm_topk_prob=False`` (Megatron's pr
 experts top-8 with ``norm_topk_prob=True`` (Qwen3-30B-A3B's routing). At every layout: ``gather_hf_state_dict``
 equals the HF checkpoint bit for bit (so conversion HF → Megatron → HF is exact at that layout) and fp32
 logits match transformers' within 1e-5. A checkpoint saved at EP=2 loads bit-exactly at EP=1 (one rank, TP=2)
-and one saved at EP=1 at EP=2 (checkpoint EP resharding).
+and one saved at EP=1 at EP=2 (checkpoint EP resharding); HF weights loaded straight into the EP=2 layouts
+(``load_hf_weights``: EP rank r takes global experts r·E/EP …) give the same logits.
 """
 
 import json
@@ -61,7 +62,7 @@ def _fresh(layout, hf):
 
 
 def _worker(rank, tmp):
-    from megatron_opd.models import load_checkpoint, save_checkpoint
+    from megatron_opd.models import load_checkpoint, load_hf_weights, save_checkpoint
     from megatron_opd.platform import destroy_distributed
 
     out = {}
@@ -73,6 +74,9 @@ def _worker(rank, tmp):
             out[f"{name}/{layout_name}"] = _compare(chunks, state, hf)
             if layout_name == "ep2":
                 save_checkpoint(f"{tmp}/saved_ep2_{name}", chunks)
+            if "ep2" in layout_name:  # HF weights straight into the EP-sharded model (the trainer's path)
+                load_hf_weights(chunks, hf.state_dict(), hf.config)
+                out[f"{name}/{layout_name}/from_hf"] = _compare(chunks, state, hf)
         # EP=1: every rank holds all experts
         state, chunks = _fresh(dict(tensor_model_parallel_size=2, sequence_parallel=True), hf)
         load_checkpoint(f"{tmp}/saved_ep2_{name}", chunks)
@@ -95,8 +99,9 @@ def test_moe_layouts_from_converted_checkpoints(tmp_path):
     run_spawned(_worker, 2, str(tmp_path))
     for rank in range(2):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(out) == len(MODELS) * (len(LAYOUTS) + 1)
+        assert len(out) == len(MODELS) * (len(LAYOUTS) + 3)
         for case, result in out.items():
             assert result["exact"], f"rank {rank} {case}: gathered HF tensors differ from the HF model"
             assert result.get("logit_err", 0.0) < LOGIT_TOL, f"rank {rank} {case}: {result}"
         assert any("logit_err" in r for r in out.values())
+        print(f"rank {rank}: worst MoE logit error vs HF {max(r.get('logit_err', 0.0) for r in out.values()):.2e}")
