@@ -640,7 +640,7 @@ def section_moe(check: Check, args, device: torch.device, workdir: Path, sizes: 
     check.put(model=sizes.moe_model, expert_model_parallel_size=1, tokens_per_micro_batch=sizes.moe_tokens,
               step_times_s=times, median_step_s=step_time, tokens_per_s=sizes.moe_tokens / step_time, **flops,
               achieved_tflops=achieved / 1e12, measured_bf16_peak_tflops=peak / 1e12, mfu=achieved / peak,
-              losses=losses, max_memory_gib=memory,
+              losses=losses, max_memory_gib=memory, router_load={k: v for k, v in result.items() if k.startswith("moe_")},
               flops_formula="6*N_active*T + 6*L*H*d_h*T^2 (N_active: attention, router, top-k experts, LM head)")
     check.expect(all(math.isfinite(v) for v in losses), f"non-finite MoE train-step loss: {losses}")
     check.expect(0 < achieved / peak <= 1.0, f"MoE MFU {achieved / peak:.3f} is outside (0, 1]")

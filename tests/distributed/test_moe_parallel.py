@@ -1,11 +1,12 @@
 """Qwen3-MoE on Megatron at EP=2, TP=2+SP (experts split by expert-TP), TP=2+SP×EP=2 (ETP=1) and PP=2, from
 checkpoints made by ``tools/convert_hf_to_megatron.py`` (written at TP=EP=1, resharded on load).
 
-Two tiny models: 8 experts top-2 with HF ``norm_topk_prob=False`` (Megatron's pre-softmax routing) and 16
-experts top-8 with ``norm_topk_prob=True`` (Qwen3-30B-A3B's routing). At every layout: ``gather_hf_state_dict``
+Two tiny models: 8 experts top-2 with HF ``norm_topk_prob=False`` (Megatron's pre-softmax routing; every
+layout) and 16 experts top-8 with ``norm_topk_prob=True`` (Qwen3-30B-A3B's routing; the EP layouts). At each: ``gather_hf_state_dict``
 equals the HF checkpoint bit for bit (so conversion HF → Megatron → HF is exact at that layout) and fp32
 logits match transformers' within 1e-5. A checkpoint saved at EP=2 loads bit-exactly at EP=1 (one rank, TP=2)
-and one saved at EP=1 at EP=2 (checkpoint EP resharding).
+and one saved at EP=1 at EP=2 (checkpoint EP resharding); HF weights loaded straight into the EP=2 layouts
+(``load_hf_weights``: EP rank r takes global experts r·E/EP …) give the same logits.
 """
 
 import json
@@ -26,6 +27,8 @@ LAYOUTS = {"ep2": dict(expert_model_parallel_size=2),
                                    expert_model_parallel_size=2, expert_tensor_parallel_size=1),
            "pp2": dict(pipeline_model_parallel_size=2)}
 LOGIT_TOL = 1e-5
+# the 16-expert model at the layouts that split its experts (suite time: each layout loads a checkpoint)
+LAYOUTS_OF = {"e8_top2": tuple(LAYOUTS), "e16_top8": ("ep2", "tp2_sp_ep2_etp1")}
 
 
 def _hf(name):
@@ -61,18 +64,21 @@ def _fresh(layout, hf):
 
 
 def _worker(rank, tmp):
-    from megatron_opd.models import load_checkpoint, save_checkpoint
+    from megatron_opd.models import load_checkpoint, load_hf_weights, save_checkpoint
     from megatron_opd.platform import destroy_distributed
 
     out = {}
     for name in MODELS:
         hf = _hf(name)
-        for layout_name, layout in LAYOUTS.items():
-            state, chunks = _fresh(layout, hf)
+        for layout_name in LAYOUTS_OF[name]:
+            state, chunks = _fresh(LAYOUTS[layout_name], hf)
             load_checkpoint(f"{tmp}/converted_{name}", chunks)
             out[f"{name}/{layout_name}"] = _compare(chunks, state, hf)
             if layout_name == "ep2":
                 save_checkpoint(f"{tmp}/saved_ep2_{name}", chunks)
+            if "ep2" in layout_name:  # HF weights straight into the EP-sharded model (the trainer's path)
+                load_hf_weights(chunks, hf.state_dict(), hf.config)
+                out[f"{name}/{layout_name}/from_hf"] = _compare(chunks, state, hf)
         # EP=1: every rank holds all experts
         state, chunks = _fresh(dict(tensor_model_parallel_size=2, sequence_parallel=True), hf)
         load_checkpoint(f"{tmp}/saved_ep2_{name}", chunks)
@@ -95,8 +101,9 @@ def test_moe_layouts_from_converted_checkpoints(tmp_path):
     run_spawned(_worker, 2, str(tmp_path))
     for rank in range(2):
         out = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert len(out) == len(MODELS) * (len(LAYOUTS) + 1)
+        assert len(out) == sum(len(layouts) + 3 for layouts in LAYOUTS_OF.values())
         for case, result in out.items():
             assert result["exact"], f"rank {rank} {case}: gathered HF tensors differ from the HF model"
             assert result.get("logit_err", 0.0) < LOGIT_TOL, f"rank {rank} {case}: {result}"
         assert any("logit_err" in r for r in out.values())
+        print(f"rank {rank}: worst MoE logit error vs HF {max(r.get('logit_err', 0.0) for r in out.values()):.2e}")

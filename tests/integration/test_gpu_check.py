@@ -97,6 +97,7 @@ def test_cpu_tiny_run_passes_every_section(tmp_path):
     flops = gpu_check.moe_active_flops_per_step(moe["model"], moe["tokens_per_micro_batch"])
     assert moe["total_flops"] == flops["total_flops"] and 0 < moe["mfu"] <= 1
     assert moe["active_matmul_params"] < moe["total_matmul_params"]
+    assert moe["router_load"]["moe_load_max_over_mean"] >= 1.0
 
 
 def test_moe_flops_count_the_active_parameters_of_qwen3_30b_a3b():
