@@ -17,7 +17,7 @@ from megatron_opd.gating import DriftGateConfig
 from megatron_opd.platform import ParallelConfig
 
 OBJECTIVES = ("sampled", "lsm", "sft")
-LOGPROB_SOURCES = ("recompute", "engine")
+LOGPROB_SOURCES = ("recompute", "engine", "proximal")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
@@ -86,7 +86,9 @@ class ObjectiveConfig:
     epochs_per_rollout: int = 2
     minibatches_per_rollout: int = 1
     logprob_source: str = "recompute"
-    """recompute log π_old on the trainer (no train/inference mismatch) or take the engine's."""
+    """recompute log π_old on the trainer with the weights that sampled (no train/inference mismatch), take
+    the engine's, or proximal (decoupled PPO: π_old = current weights, the engine's log-probs as behaviour μ;
+    see training/behaviour.py)."""
     span_delimiter: str = "\n"
     """--gate span: a span ends at every token whose text contains this string (the paper: newline)."""
     special_token_mask: str = "auto"
@@ -117,6 +119,10 @@ class EngineConfig:
     max_new_tokens: int = 1024
     teacher_temperature: float = 1.0
     """Temperature the teacher is scored at; the objectives assume 1 (the teacher's own distribution)."""
+    max_staleness: int = 0
+    """K: generate rollouts ahead while training, from weights at most K versions old (0: synchronous)."""
+    rollout_threads: int = 0
+    """--max-staleness >= 1: torch threads of the rollout producer thread (0: as many as the trainer)."""
 
     def __post_init__(self):
         _require(self.prompts_per_rollout > 0, "--prompts-per-rollout must be > 0")
@@ -124,6 +130,8 @@ class EngineConfig:
         _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens > 0, "--max-new-tokens must be > 0")
+        _require(self.max_staleness >= 0, f"--max-staleness must be >= 0, got {self.max_staleness}")
+        _require(self.rollout_threads >= 0, f"--rollout-threads must be >= 0, got {self.rollout_threads}")
 
 
 @dataclass(kw_only=True)
@@ -207,6 +215,7 @@ class OPDConfig:
                      f"--minibatches-per-rollout = {obj.minibatches_per_rollout}")
         if obj.objective == "sft":
             _require(self.gate.granularity == "none", "--objective sft has no behaviour policy: set --gate none")
+            _require(eng.max_staleness == 0, "--objective sft has no rollouts: set --max-staleness 0")
         per_step = eng.prompts_per_rollout * (1 if obj.objective == "sft" else eng.samples_per_prompt)
         fixed_microbatches = not self.optim.max_tokens_per_micro_batch
         _require(per_step % obj.minibatches_per_rollout == 0 and

@@ -27,7 +27,8 @@ def test_flag_set_is_frozen():
         "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--data-path", "--prompt-field",
         "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
         "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
-        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress"}
+        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress",
+        "--max-staleness", "--rollout-threads", "--is-cap"}
     assert set(FROZEN_FLAGS) == expected
 
 
