@@ -11,8 +11,9 @@ Generation runs through ``LocalRolloutEngine.sample`` with the request's ``sampl
 concurrent requests with equal sampling settings are batched (a few ms window, like continuous
 batching) — results do not depend on batching because every row draws its own noise.
 Scoring (``logprob_start_len`` >= 0) runs a plain forward. Faults are injected on demand with
-``server.inject(name, times)``: die (drop connections and stop), http_500, http_503, delay,
-malformed_json, wrong_length, nan_logprob, wrong_rid, abort, flush_busy.
+``server.inject(name, times)``: die (drop connections and stop), http_500, http_503, delay (answer after
+``delay_s``, or drop the request as soon as the client gives up on it), malformed_json, wrong_length,
+nan_logprob, wrong_rid, abort, flush_busy.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import queue
+import select
+import socket
 import sys
 import threading
 import time
@@ -38,6 +41,16 @@ from megatron_opd.teacher.local import LocalTeacher  # noqa: E402
 
 FAULTS = ("die", "http_500", "http_503", "delay", "malformed_json", "wrong_length", "nan_logprob",
           "wrong_rid", "abort", "flush_busy")
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """socketserver listens with a backlog of 5: a client opening more connections at once (the rollout
+    client opens one per sample, up to max_concurrency = 64) gets its handshakes dropped and waits for
+    TCP's retransmission (1 s, then 3 s, 7 s), so answers arrive in waves seconds apart. Real servers
+    (uvicorn: 2048) do not do that."""
+
+    request_queue_size = 1024
+    daemon_threads = True
 
 
 class BadRequest(ValueError):
@@ -105,16 +118,18 @@ class ContractServer:
         self.counts: Counter = Counter()  # requests seen per rid
         self.answered: Counter = Counter()  # answers sent per rid (2xx with a body)
         self.aborted: set[str] = set()
+        self.delayed: list[str] = []  # rids of requests the delay fault held
+        self.dropped: list[str] = []  # rids of requests dropped unanswered: the client gave up on them
         self.calls: list[tuple[str, dict]] = []  # weight/cache calls, for tests
         self._queue: queue.Queue = queue.Queue()
         self._httpd: ThreadingHTTPServer | None = None
+        self._close_lock = threading.Lock()
         self.dead = False
         self.die_after_answers: int | None = None  # die at the first request after this many answers
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> ContractServer:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", 0), _make_handler(self))
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         threading.Thread(target=self._batch_loop, daemon=True).start()
         return self
@@ -125,10 +140,11 @@ class ContractServer:
 
     def close(self) -> None:
         self.dead = True
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
+        with self._close_lock:  # a dying server closes itself in a thread while a test may close it too
+            httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
         self._queue.put(None)
 
     def inject(self, fault: str, times: int = 1, **args) -> None:
@@ -300,6 +316,28 @@ def _make_handler(server: ContractServer):
             except OSError:
                 pass
 
+        def _wait_unless_given_up(self, rids: set[str], seconds: float) -> bool:
+            """Waits ``seconds``; False as soon as the client gives up on the request (it aborts one of
+            ``rids`` or hangs up), which a real server answers by dropping the request. A fixed sleep
+            would wake up later, inside another test, and compute an answer nobody reads (holding the
+            model lock and taking that test's injected faults)."""
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                if rids & server.aborted or self._client_gone():
+                    return False
+                time.sleep(min(left, 0.02))
+            return True
+
+        def _client_gone(self) -> bool:
+            """The client closed its end (a readable socket with nothing to read)."""
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            try:
+                return self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def _body(self) -> dict:
             length = int(self.headers.get("Content-Length", 0))
             try:
@@ -348,11 +386,19 @@ def _make_handler(server: ContractServer):
             for status, fault in ((500, "http_500"), (503, "http_503")):
                 if server.take_fault(fault):
                     return self._send(status, {"object": "error", "message": f"injected {fault}"})
+            rids = {str(item.get("rid")) for item in items}
             if server.take_fault("delay"):
-                time.sleep(server.fault_args.get("delay_s", 2.0))
-            answers = [server.corrupt(server.answer_item(item)) for item in items]
+                server.delayed.extend(sorted(rids))
+                if not self._wait_unless_given_up(rids, server.fault_args.get("delay_s", 2.0)):
+                    server.dropped.extend(sorted(rids))
+                    return self._drop()
+            answers = [server.answer_item(item) for item in items]
             if server.dead:
                 return self._drop()
+            if self._client_gone():  # it timed out while the answer was computed: nobody reads it
+                server.dropped.extend(sorted(rids))
+                return self._drop()
+            answers = [server.corrupt(answer) for answer in answers]
             if server.take_fault("malformed_json"):
                 return self._send(200, None, raw=b'{"text": "", "meta_info": {"id": ')
             for a in answers:
@@ -387,8 +433,7 @@ class ContractRouter:
         self._httpd: ThreadingHTTPServer | None = None
 
     def start(self) -> ContractRouter:
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_router_handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _HTTPServer(("127.0.0.1", 0), _make_router_handler(self))
         threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
         return self
 

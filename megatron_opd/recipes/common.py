@@ -245,20 +245,36 @@ def shipped_models(recipe: DemoRecipe) -> tuple[Path, Path] | None:
     return teacher, student
 
 
+def ready_models(recipe: DemoRecipe, cache_dir: Path, *, from_scratch: bool = False) -> tuple[Path, Path, str] | None:
+    """(teacher dir, student dir, where they come from) when no SFT has to run: the shipped
+    checkpoints when they match the recipe, else the ones cached by an earlier run of it."""
+    if from_scratch:
+        return None
+    shipped = shipped_models(recipe)
+    if shipped is not None:
+        return shipped[0], shipped[1], "shipped"
+    key = recipe.fingerprint()
+    teacher_dir, student_dir = cache_dir / f"teacher-{key}", cache_dir / f"student-{key}"
+    if (teacher_dir / "config.json").exists() and (student_dir / "config.json").exists():
+        return teacher_dir, student_dir, "cached"
+    return None
+
+
 def prepare_models(recipe: DemoRecipe, workdir: Path, cache_dir: Path, bar=None, *,
                    from_scratch: bool = False) -> tuple[Path, Path, Path]:
     """(teacher dir, student dir, training data). The shipped checkpoints when they match the recipe
-    (unless ``from_scratch``), else one SFT run from random init, cached by recipe."""
+    (unless ``from_scratch``), else one SFT run from random init, cached by recipe; ``bar`` advances
+    with the SFT steps only when they run."""
     workdir.mkdir(parents=True, exist_ok=True)
     data_path = write_toy_data(workdir, recipe)
     steps = recipe.sft_steps
     say = bar.write if bar is not None else print
-    shipped = None if from_scratch else shipped_models(recipe)
-    if shipped is not None:
-        if bar is not None:
-            bar.update(steps)
-        say(f"sft: shipped teacher {shipped[0]} and student {shipped[1]} (see {recipe.assets / 'README.md'})")
-        return shipped[0], shipped[1], data_path
+    ready = ready_models(recipe, cache_dir, from_scratch=from_scratch)
+    if ready is not None:
+        teacher_dir, student_dir, source = ready
+        note = f" (see {recipe.assets / 'README.md'})" if source == "shipped" else ""
+        say(f"sft: {source} teacher {teacher_dir} and student {student_dir}{note}")
+        return teacher_dir, student_dir, data_path
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = recipe.fingerprint()
     teacher_dir, student_dir = cache_dir / f"teacher-{key}", cache_dir / f"student-{key}"

@@ -29,6 +29,7 @@ from megatron_opd.recipes.common import (
     phase_times,
     prepare_models,
     quick_recipe,
+    ready_models,
     run_train,
     sft_flags,
     train_command,
@@ -106,16 +107,28 @@ def evaluate_models(recipe: DemoRecipe, models: dict[str, Path], workdir: Path, 
     return results
 
 
+def progress_plan(recipe: DemoRecipe, *, sft_runs: bool, opd_runs: bool) -> dict[str, int]:
+    """{phase: optimizer steps} of the training phases that will run, in order: what the progress bar
+    counts. Shipped or cached SFT checkpoints are no phase (not 800 steps done at once)."""
+    plan = {}
+    if sft_runs:
+        plan["sft"] = recipe.sft_steps
+    if opd_runs:
+        plan["opd"] = int(recipe.opd["--train-iters"])
+    return plan
+
+
 def run_demo(recipe: DemoRecipe, workdir: Path, cache_dir: Path, *, from_scratch: bool = False,
              models_only: bool = False, sft_baseline: bool = True) -> dict:
     from tqdm import tqdm
 
     after_dir = workdir / "student_after_opd"
-    sft_steps, opd_steps = recipe.sft_steps, int(recipe.opd["--train-iters"])
+    sft_runs = ready_models(recipe, cache_dir, from_scratch=from_scratch) is None
+    plan = progress_plan(recipe, sft_runs=sft_runs, opd_runs=not models_only)
     start = time.time()
     times: dict[str, float] = {}
-    with tqdm(total=sft_steps + (0 if models_only else opd_steps), desc="demo", unit="step",
-              dynamic_ncols=True) as bar:
+    with tqdm(total=sum(plan.values()), desc="demo: " + " + ".join(f"{k} {v}" for k, v in plan.items()),
+              unit="step", dynamic_ncols=True, disable=not plan) as bar:
         teacher_dir, student_dir, data_path = prepare_models(recipe, workdir, cache_dir, bar,
                                                              from_scratch=from_scratch)
         times["sft (teacher + student snapshot)"] = time.time() - start

@@ -8,9 +8,17 @@ what it lacks instead of looking complete.
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
+import megatron_opd
 from megatron_opd.eval.seed_stats import format_interval, paired_difference, t_interval, verdict
+from megatron_opd.recipes.presets import PRESETS, SFT_CONTROL, default_pairs
+
+# Reports name paths inside this checkout relative to it, and the study's own directories by
+# placeholders (``data["places"]``, e.g. WORKDIR), never the absolute paths of the machine it ran on.
+REPO_ROOT = Path(megatron_opd.__file__).resolve().parent.parent
 
 GATE_PLOT_KEYS = (("abs_drift_mean", "mean |δ| (token)"), ("gate_std", "std of normalised gate ĝ"),
                   ("gate_min", "min ĝ"), ("gate_raw_below_half", "fraction of raw gates g < 0.5"))
@@ -170,8 +178,6 @@ def _sweep_table(data: dict) -> str:
 
 
 def _control_text(data: dict) -> str:
-    from megatron_opd.recipes.variants import SFT_CONTROL
-
     runs, cal = data["results"].get(SFT_CONTROL), data.get("sft_calibration")
     if not runs or not cal:
         return ""
@@ -225,8 +231,6 @@ def format_study(data: dict, title: str) -> str:
 
 
 def _curves_by_variant(data: dict) -> dict[str, dict[int, list[float]]]:
-    from megatron_opd.recipes.variants import SFT_CONTROL
-
     n, out = data["n"], {}
     for name, runs in data["results"].items():
         if name == SFT_CONTROL:
@@ -312,9 +316,41 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+def portable_paths(data: dict) -> dict:
+    """``data`` with the machine's absolute paths in every string rewritten: the directories in
+    ``data["places"]`` ({placeholder: dir}, e.g. WORKDIR) become their placeholder, and paths inside
+    this checkout become relative to it. ``places`` itself is dropped. Longer directories win (a
+    workdir inside the checkout is WORKDIR); a directory only matches whole path components."""
+    places = {}
+    for name, directory in [("", REPO_ROOT), *(data.get("places") or {}).items()]:
+        if directory:
+            places.update({os.path.abspath(directory): name, os.path.realpath(directory): name})
+    alternatives = "|".join(re.escape(d) for d in sorted(places, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w.-])(?P<dir>{alternatives})(?![\w.-])(?P<slash>/?)")
+
+    def replace(match: re.Match) -> str:
+        name, slash = places[match.group("dir")], match.group("slash")
+        if name:
+            return name + slash
+        return "" if slash else "."  # inside the checkout: relative to it
+
+    def rewrite(value):
+        if isinstance(value, str):
+            return pattern.sub(replace, value)
+        if isinstance(value, dict):
+            return {k: rewrite(v) for k, v in value.items() if k != "places"}
+        if isinstance(value, (list, tuple)):
+            return type(value)(rewrite(v) for v in value)
+        return value
+
+    return rewrite(data)
+
+
 def write_study_report(data: dict, out_dir: Path, name: str = "variants", title: str = "Six-variant study") -> dict:
-    """``NAME.md``, ``NAME.json`` and the PNGs (those with data) in ``out_dir``; returns their paths."""
+    """``NAME.md``, ``NAME.json`` and the PNGs (those with data) in ``out_dir``; returns their paths.
+    Both files name portable paths (``portable_paths``): reports get committed and shared."""
     out_dir = Path(out_dir)
+    data = portable_paths(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / f"{name}.md", "json": out_dir / f"{name}.json"}
     plots = {"curves": plot_curves(data, out_dir / f"{name}_curves.png"),
@@ -332,8 +368,6 @@ def merge_studies(records: list[dict], preset: str | None = None) -> dict:
 
     Results are united per (variant, seed); ``preset`` (six | ablations) fixes the variant list and order,
     else it is the union in order of appearance. Commands are kept, one per input."""
-    from megatron_opd.recipes.variants import PRESETS, SFT_CONTROL, default_pairs
-
     merged = {**records[0], "results": {}, "commands": [r.get("command", "") for r in records]}
     variants = {}
     for record in records:

@@ -63,7 +63,8 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--gate-span-delimiter": ("objective", "span_delimiter", None, "--gate span: spans end at tokens containing it"),
     # drift gate
     "--gate": ("gate", "granularity", None,
-               "none | token | block | span | sequence | tis | masked_is | sequence_is (IS corrections)"),
+               "none | token | block | span | sequence | tis | masked_is | sequence_is (IS corrections) "
+               "(default: none for --objective sft, block otherwise)"),
     "--is-cap": ("gate", "is_cap", None, "C of --gate tis / masked_is / sequence_is"),
     "--gate-block-size": ("gate", "block_size", None, "tokens per block for --gate block"),
     "--gate-tau": ("gate", "tau", None, "gate temperature: g = exp(-tau * |D|)"),
@@ -108,6 +109,10 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
 }
 
 
+# Flags whose default depends on another flag: left out of the parsed values unless typed, so that
+# OPDConfig.from_dict picks the default (see training.config.default_gate_granularity).
+DEFAULT_FOLLOWS_OTHER_FLAGS = {"--gate"}
+
 # Element type of comma-separated (tuple) flags whose default is empty.
 ITEM_TYPES = {f"{section}.{name}": opt_type for section, name, opt_type, _ in FLAGS.values() if opt_type is not None}
 
@@ -124,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (section, name, opt_type, help_text) in FLAGS.items():
         default = getattr(defaults[section], name)
         dest = f"{section}.{name}"
-        if isinstance(default, bool):
+        if flag in DEFAULT_FOLLOWS_OTHER_FLAGS:
+            parser.add_argument(flag, dest=dest, type=opt_type or type(default), default=argparse.SUPPRESS,
+                                help=help_text)
+        elif isinstance(default, bool):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
         elif isinstance(default, tuple):

@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """An invalid setting; the message names the flag to change."""
 
 
+def default_gate_granularity(objective: str) -> str:
+    """The gate a run gets when none is named: SFT trains on reference solutions, so there is no behaviour
+    policy to drift from (none); the OPD objectives get the paper's block gate."""
+    return "none" if objective == "sft" else "block"
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -214,7 +220,8 @@ class OPDConfig:
                      f"--prompts-per-rollout × --samples-per-prompt = {rollout_seqs} must be divisible by "
                      f"--minibatches-per-rollout = {obj.minibatches_per_rollout}")
         if obj.objective == "sft":
-            _require(self.gate.granularity == "none", "--objective sft has no behaviour policy: set --gate none")
+            _require(self.gate.granularity == "none", "--objective sft has no behaviour policy: drop --gate "
+                     "(it defaults to none for sft) or set --gate none")
             _require(eng.max_staleness == 0, "--objective sft has no rollouts: set --max-staleness 0")
         per_step = eng.prompts_per_rollout * (1 if obj.objective == "sft" else eng.samples_per_prompt)
         fixed_microbatches = not self.optim.max_tokens_per_micro_batch
@@ -239,7 +246,9 @@ class OPDConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> OPDConfig:
+        """Sections given as dicts -> OPDConfig; a gate without a granularity gets the objective's default."""
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        raw = _with_default_gate(raw)
         kwargs = {}
         for name, value in raw.items():
             if name not in sections:
@@ -249,6 +258,15 @@ class OPDConfig:
                            "data": DataConfig, "checkpoint": CheckpointConfig, "log": LogConfig}[name]
             kwargs[name] = _build_section(section_cls, name, value)
         return cls(**kwargs)
+
+
+def _with_default_gate(raw: dict) -> dict:
+    gate = raw.get("gate", {})
+    objective = raw.get("objective", {})
+    if not isinstance(gate, dict) or not isinstance(objective, dict) or "granularity" in gate:
+        return raw  # gate named, or a malformed section that _build_section reports
+    chosen = objective.get("objective", ObjectiveConfig().objective)
+    return {**raw, "gate": {**gate, "granularity": default_gate_granularity(chosen)}}
 
 
 def _build_section(section_cls, name: str, value: dict):

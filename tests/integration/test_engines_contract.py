@@ -1,7 +1,10 @@
 """SGLang client vs the in-process engines, through the loopback contract server (DESIGN §4)."""
 
 import copy
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -74,22 +77,104 @@ def test_client_matches_local_engine(model, server, setting):
 
 FAULT_CASES = [("http_500", 3), ("http_503", 2), ("malformed_json", 2), ("wrong_length", 2), ("nan_logprob", 2),
                ("wrong_rid", 1), ("abort", 1), ("delay", 1)]
+DELAY_TIMEOUT_S = 3.0
+
+
+def _generate_with_fault(model, server, fault: str, times: int):
+    params = SETTINGS["sampled"]
+    want = Int32SeedLocalEngine(model, vocab_size=VOCAB, seed=11).generate(PROMPTS, params)
+    server.answered.clear()
+    # A delayed request is held until the client gives up on it (delay_s is only a safety cap).
+    server.inject(fault, times, delay_s=120.0)
+    engine = client(server.url, seed=11, timeout_s=DELAY_TIMEOUT_S if fault == "delay" else 30.0)
+    got = engine.generate(PROMPTS, params)
+    assert server.faults[fault] == 0  # every injected fault was hit
+    assert_same_samples(got, want)  # exactly one sample per slot, the right one
+    assert len({s.meta["rid"] for s in got}) == len(want)
+    return engine, want
+
+
+def assert_timeouts_retried(engine, server, num_slots: int) -> None:
+    """The delay fault fixes one thing: the held request outlasts the client's timeout. Whether an
+    undelayed answer also outlasts it depends on how fast the server is (a loaded machine), so the
+    attempts are counted from the timeouts: each one, and nothing else, costs exactly one more attempt."""
+    timed_out = [f.rsplit("for rid ", 1)[-1] for f in engine.runner.failures]
+    assert all(f.startswith("timeout after") for f in engine.runner.failures), engine.runner.failures
+    assert engine.runner.attempts == num_slots + len(timed_out)
+    assert set(server.delayed) <= set(timed_out)
+    for _ in range(500):  # the server notices the hang-up within its 20 ms poll
+        if set(server.delayed) <= set(server.dropped):
+            break
+        time.sleep(0.02)
+    assert set(server.delayed) <= set(server.dropped), "the delayed request was still held after the client gave up"
 
 
 @pytest.mark.parametrize("fault,times", FAULT_CASES)
 def test_transient_faults_are_retried_without_loss_or_duplicates(model, server, fault, times):
-    params = SETTINGS["sampled"]
-    want = Int32SeedLocalEngine(model, vocab_size=VOCAB, seed=11).generate(PROMPTS, params)
-    server.answered.clear()
-    # The delayed answer outlasts the client's timeout by far, and an undelayed one stays well inside
-    # it even on a loaded machine (a 0.75 s timeout also timed out undelayed answers under load).
-    server.inject(fault, times, delay_s=8.0)
-    engine = client(server.url, seed=11, timeout_s=3.0 if fault == "delay" else 30.0)
-    got = engine.generate(PROMPTS, params)
-    assert server.faults[fault] == 0  # every injected fault was hit
-    assert_same_samples(got, want)  # exactly one sample per slot, the right one
-    assert engine.runner.attempts == len(want) + times
-    assert len({s.meta["rid"] for s in got}) == len(want)
+    server.delayed.clear()
+    engine, want = _generate_with_fault(model, server, fault, times)
+    if fault == "delay":
+        assert len(server.delayed) == 1
+        assert_timeouts_retried(engine, server, len(want))
+    else:
+        assert engine.runner.attempts == len(want) + times
+
+
+def test_delay_fault_on_a_slow_server(model, server, monkeypatch):
+    """What load does to the delay case, by controlled time instead of load: the server's first batch
+    takes longer than the client's timeout, so undelayed requests time out too. Each is retried once
+    with a fresh rid; nothing is lost or duplicated."""
+    sample, batches = server.engine.sample, []
+
+    def slow_first_batch(*args, **kwargs):
+        batches.append(len(args[0]))
+        if len(batches) == 1:
+            time.sleep(DELAY_TIMEOUT_S + 0.5)
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "sample", slow_first_batch)
+    server.delayed.clear()
+    engine, want = _generate_with_fault(model, server, "delay", 1)
+    assert len(engine.runner.failures) >= 1 + batches[0]  # the delayed request and the slow batch's
+    assert_timeouts_retried(engine, server, len(want))
+
+
+def _listen_queue_length(port: int) -> int:
+    """Connections waiting in the accept queue of the listening socket on ``port`` (Linux /proc/net/tcp:
+    rx_queue of a LISTEN socket)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no listening socket on port {port}")
+
+
+def test_server_queues_a_burst_of_connections_like_a_real_server(model):
+    """The client opens one connection per sample at once (up to max_concurrency = 64). With
+    socketserver's default listen backlog (5) the kernel queues 6 and drops the others' handshakes;
+    TCP retries them after 1 s, then 3 s: whole seconds added to undelayed answers."""
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("needs Linux /proc/net/tcp")
+    srv = start_contract_server(copy.deepcopy(model), vocab_size=VOCAB)
+    release, accept = threading.Event(), srv._httpd.get_request
+    srv._httpd.get_request = lambda: (release.wait(), accept())[1]  # the accept thread stalls (load)
+    port, sockets = srv._httpd.server_address[1], []
+    try:
+        for _ in range(64):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", port))
+            sockets.append(sock)
+        for _ in range(250):  # loopback handshakes finish at once; a dropped one stays out while none is accepted
+            if _listen_queue_length(port) >= 64:
+                break
+            time.sleep(0.02)
+        assert _listen_queue_length(port) >= 64
+    finally:
+        for sock in sockets:
+            sock.close()
+        release.set()
+        srv.close()
 
 
 @pytest.mark.parametrize("fault", ["http_500", "nan_logprob", "malformed_json"])

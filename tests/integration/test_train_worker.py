@@ -8,7 +8,7 @@ import json
 
 from conftest import read_metrics
 
-from megatron_opd.recipes.variants import TrainQueue
+from megatron_opd.recipes.variants_run import TrainQueue
 
 
 def test_runs_are_independent_of_order_and_failures_are_isolated(toy_models, tmp_path, monkeypatch):

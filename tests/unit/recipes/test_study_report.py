@@ -6,8 +6,9 @@ import math
 
 import pytest
 
+from megatron_opd.recipes.lr_sweep import parse_lr_grid
+from megatron_opd.recipes.presets import ABLATION_VARIANTS, DEFAULT_VARIANTS, default_pairs
 from megatron_opd.recipes.study_report import conclusion_lines, format_study, paired_rows, write_study_report
-from megatron_opd.recipes.variants import ABLATION_VARIANTS, DEFAULT_VARIANTS, default_pairs, parse_lr_grid
 
 T975_DF2 = 4.30265273  # t_{0.975, 2}
 
@@ -89,3 +90,26 @@ def test_merge_of_seed_parallel_studies():
     assert paired_rows(merged) == paired_rows(full) and merged["command"].count("run ") == 3
     six = merge_studies(parts, preset="six")
     assert [v["name"] for v in six["variants"]][:2] == ["base (no training)", "sampled"]
+
+
+def test_report_names_no_absolute_paths_of_the_machine(tmp_path):
+    """Reports are committed (docs/results): the study's workdir and cache become WORKDIR and CACHE_DIR,
+    paths inside the checkout become relative to it; a look-alike directory is left alone."""
+    from megatron_opd.recipes.study_report import REPO_ROOT
+
+    work, cache, other = tmp_path / "study", tmp_path / "cache", tmp_path / "study2"
+    student = REPO_ROOT / "megatron_opd" / "recipes" / "assets" / "chain" / "student"
+    study = {**_study(), "student_hf": str(student), "places": {"WORKDIR": str(work), "CACHE_DIR": str(cache)},
+             "command": f"megatron-opd variants --workdir {work} --cache-dir {cache} --notes {other}/n.md"}
+    study["base_flags"] = {**study["base_flags"], "--data-path": f"{work}/chain_train.jsonl",
+                           "--teacher-hf": str(cache / "demo" / "teacher-1")}
+    study["results"]["LSM"]["1"]["run_dir"] = str(work / "runs" / "ab12" / "seed1")
+    paths = write_study_report(study, tmp_path / "report", "s")
+    for text in (paths["markdown"].read_text(), paths["json"].read_text()):
+        assert str(work) + "/" not in text and str(cache) not in text and str(REPO_ROOT) not in text, text
+        assert "--workdir WORKDIR --cache-dir CACHE_DIR" in text and f"--notes {other}/n.md" in text
+        assert "WORKDIR/chain_train.jsonl" in text and "CACHE_DIR/demo/teacher-1" in text
+    markdown = paths["markdown"].read_text()
+    assert "- Student: `megatron_opd/recipes/assets/chain/student`" in markdown
+    record = json.loads(paths["json"].read_text())
+    assert record["results"]["LSM"]["1"]["run_dir"] == "WORKDIR/runs/ab12/seed1" and "places" not in record

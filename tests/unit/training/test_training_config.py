@@ -40,6 +40,24 @@ def test_defaults_follow_the_paper():
     assert cfg.objective.topk == 32
 
 
+@pytest.mark.parametrize("objective, gate", [("sft", "none"), ("lsm", "block"), ("sampled", "block")])
+def test_default_gate_follows_the_objective(objective, gate):
+    """--objective sft without --gate must work: SFT has no behaviour policy, so its default gate is none."""
+    assert parse_config(BASE + ["--objective", objective]).gate.granularity == gate
+
+
+def test_explicit_gate_wins_over_the_objective_default():
+    assert parse_config(BASE + ["--objective", "sft", "--gate", "none"]).gate.granularity == "none"
+    assert parse_config(BASE + ["--objective", "lsm", "--gate", "token"]).gate.granularity == "token"
+
+
+def test_config_file_without_gate_granularity_follows_its_objective(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"model": {"student_hf": "/s"}, "data": {"data_path": "toy"},
+                                                 "objective": {"objective": "sft"}, "gate": {"tau": 2.0}}))
+    cfg = parse_config(["--config", str(tmp_path / "c.json")])
+    assert cfg.gate.granularity == "none" and cfg.gate.tau == 2.0
+
+
 def test_flags_fill_the_sections():
     cfg = parse_config(BASE + ["--tensor-model-parallel-size", "2", "--objective", "lsm", "--topk", "16",
                                "--gate", "span", "--gate-tau", "2.5", "--lr", "3e-4", "--no-chat-template",
