@@ -156,4 +156,6 @@ def build_sft_experience(prompts: list[list[int]], solutions: list[list[int]], *
     """Reference solutions as 'responses' (for --objective sft); they end with EOS."""
     samples = [Sample(prompt_ids=p, response_ids=r, logprobs=[0.0] * len(r), finish_reason="stop",
                       prompt_index=i, sample_index=0) for i, (p, r) in enumerate(zip(prompts, solutions))]
-    return build_experience(samples, None, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    exp = build_experience(samples, None, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    exp.weight_versions = None  # reference solutions: no policy sampled them
+    return exp

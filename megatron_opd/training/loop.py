@@ -131,8 +131,8 @@ def _publish(rollouts, snapshots: WeightSnapshots | None, version: int) -> None:
 
 def _staleness(minibatch, trainer_version: int, max_staleness: int, step: int) -> dict:
     """Asserts every sample of the step is at most --max-staleness versions old; its histogram as metrics."""
-    if minibatch.weight_versions is None:
-        return {}
+    if minibatch.weight_versions is None or (max_staleness == 0 and bool((minibatch.weight_versions < 0).any())):
+        return {}  # SFT, or a synchronous engine that does not name its weights: nothing to bound
     ages = check_staleness(minibatch.weight_versions, trainer_version, max_staleness, where=f"step {step}")
     return staleness_metrics(ages, max_staleness)
 
