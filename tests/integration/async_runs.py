@@ -5,7 +5,7 @@ from the trainer's pieces, as the loop was before --max-staleness), then the loo
 usage: torchrun --nproc-per-node 2 async_runs.py WORKDIR FLAGS_JSON
 Writes WORKDIR/<name>/metrics.jsonl and WORKDIR/<name>/final.safetensors (rank 0) for name in
 reference, k0, k1, k2, k1_current (K = 1 recomputing π_old with the current weights: the wrong behaviour
-policy, which the test shows as an engine/trainer gap).
+policy, which the test shows as an engine/trainer gap) and k1_proximal_tis (decoupled PPO + token TIS).
 """
 
 import json
@@ -71,7 +71,8 @@ def main() -> None:
 
     workdir, flags = Path(sys.argv[1]), json.loads(sys.argv[2])
     runs = {"reference": {}, "k0": {"--max-staleness": 0}, "k1": {"--max-staleness": 1},
-            "k2": {"--max-staleness": 2}, "k1_current": {"--max-staleness": 1}}
+            "k2": {"--max-staleness": 2}, "k1_current": {"--max-staleness": 1},
+            "k1_proximal_tis": {"--max-staleness": 1, "--logprob-source": "proximal", "--gate": "tis"}}
     configs = {name: parse_config(flags_to_argv({**flags, **extra}) + ["--run-dir", str(workdir / name),
                                                                         "--no-progress"])
                for name, extra in runs.items()}

@@ -77,3 +77,17 @@ def test_behaviour_is_recomputed_with_the_samples_own_weights(async_runs):
     assert min(stale) > 4 * sync_gap, (stale, sync_gap)
     # On the first update of each rollout the gates see the drift since the sampling weights.
     assert any(r["abs_drift_max"] > 0 for r in own if r["update_in_rollout"] == 0 and r["batch_index"] >= 1)
+
+
+def test_proximal_tis_weighs_by_the_proximal_over_behaviour_ratio(async_runs):
+    """Under proximal, π_old is the current weights (zero drift on each rollout's first update) while the TIS
+    weights use π_prox / μ: on a stale batch they are not all 1 even at that first update."""
+    rows = steps(async_runs, "k1_proximal_tis")
+    assert all(r["skipped"] == 0.0 for r in rows)
+    for row in rows:
+        assert row["gate_mean"] == pytest.approx(1.0, abs=1e-9)
+        if row["update_in_rollout"] == 0:
+            assert row["abs_drift_max"] == 0.0
+    stale_first = [r for r in rows if r["update_in_rollout"] == 0 and r["batch_index"] >= 1]
+    assert stale_first and all(r["gate_min"] < 1.0 < r["gate_max"] for r in stale_first), stale_first
+    assert all(r["engine_logprob_gap_mean_proximal"] > 0 for r in stale_first)
