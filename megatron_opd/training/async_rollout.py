@@ -134,7 +134,7 @@ class SynchronousRollouts:
         exp, metrics = self.maker.make(batch_index)
         return _checked(RolloutBatch(batch_index, batch_index, exp, metrics), self.ledger)
 
-    def close(self) -> None:
+    def close(self, abandon: bool = False) -> None:
         return None
 
 
@@ -220,10 +220,12 @@ class AsynchronousRollouts:
                 self._error = err
                 self._cond.notify_all()
 
-    def close(self) -> None:
-        """Stops the producer after the jobs queued (all of them are batches the run consumes)."""
+    def close(self, abandon: bool = False) -> None:
+        """Stops the producer after the jobs queued (all of them are batches the run consumes). ``abandon``
+        (the trainer failed): do not wait for it; it is a daemon thread and ends with the process."""
         self._jobs.put(_STOP)
-        self._thread.join(timeout=None if self._error is None else 5.0)
+        if not abandon:
+            self._thread.join(timeout=None if self._error is None else 5.0)
 
 
 def build_rollout_source(cfg, components, last_batch: int):

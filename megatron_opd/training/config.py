@@ -233,6 +233,9 @@ class OPDConfig:
         _require(self.data.data_path is not None, "set --data-path (a JSONL/Parquet file, a hub dataset, or 'toy')")
         _require(not (self.checkpoint.save_interval and not self.checkpoint.save),
                  "--save-interval needs --save DIR")
+        _require(not (self.log.eval_interval and eng.max_staleness),
+                 "--eval-interval with --max-staleness >= 1: the rollout engine is busy generating ahead from "
+                 "older weights; export snapshots with --export-hf-at and evaluate them with megatron-opd eval")
         _require(not self.log.eval_interval or (self.log.eval_benchmarks and obj.objective != "sft"),
                  "--eval-interval needs --eval-benchmarks (e.g. toy or aime24,aime25,math500,amc23) and an OPD "
                  "objective (it evaluates the rollout engine)")

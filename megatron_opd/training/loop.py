@@ -115,8 +115,10 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
             for target in cfg.checkpoint.export_hf_at:
                 if step - update < target <= step:
                     _export_hf(run, state, Path(cfg.log.run_dir) / f"hf_step{target}", cfg.model.student_hf)
-    finally:
-        rollouts.close()
+    except BaseException:
+        rollouts.close(abandon=True)  # the producer may wait in a collective of ranks that are gone
+        raise
+    rollouts.close()
     _maybe_export_hf(cfg, run, state)
     log.close()
     return metrics
