@@ -3,9 +3,11 @@
 Under staleness (``--max-staleness K`` ≥ 1) a batch was sampled by older weights than the trainer holds,
 so recomputing log π_old with the current weights is wrong. The sources:
 - ``recompute``: the trainer recomputes log π_old with the weights *of the sample's own version*. The
-  trainer keeps the (local-shard) parameters of the last K versions (``WeightSnapshots``): K extra copies of
-  this rank's parameters in their training dtype (for Qwen3-1.7B at TP=1 in bf16 about 3.4 GB each), swapped
-  in for the recompute and restored bit for bit. At K = 0 no snapshot is kept: today's recompute.
+  trainer keeps this rank's (local-shard) parameters of the K + 1 newest versions (``WeightSnapshots``; the
+  newest equals the live weights) plus one temporary copy of the live ones during a swap: K + 2 copies of
+  this rank's parameters in their model dtype at most (Qwen3-1.7B at TP=1 in bf16: 3.4 GB each, CPU or GPU
+  memory wherever the parameters live), swapped in for the recompute and restored bit for bit. At K = 0
+  no snapshot is kept: today's recompute.
 - ``engine``: the rollout engine's own log-probs (no recompute at all).
 - ``proximal``: decoupled PPO (AReaL): log π_old = a recompute with the *current* weights (the proximal
   policy π_prox: the trust-region anchor and the policy the gates measure drift from), and the engine's
