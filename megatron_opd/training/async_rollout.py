@@ -26,7 +26,7 @@ Design, and why:
 - **Threads on CPU.** The in-process engine and the trainer share the cores. torch's intra-op thread count
   is per thread: the producer sets ``rollout_threads`` (default: what the main thread has) and the trainer
   keeps its own; ``benchmarks/bench_async.py`` says how it split the machine.
-- **Resume** is deterministic given the checkpoint but not equal to an uninterrupted run when K ≥ 1: the
+- **Resume** is deterministic given the checkpoint (tested) but not equal to an uninterrupted run when K ≥ 1: the
   weights of versions before the checkpoint are not saved, so batches B..B+K−1 after a resume at batch B
   are generated from the resumed weights (v₀ = B, staleness 0 for them) instead of versions B−K..B−1.
 """

@@ -5,7 +5,8 @@ from the trainer's pieces, as the loop was before --max-staleness), then the loo
 usage: torchrun --nproc-per-node 2 async_runs.py WORKDIR FLAGS_JSON
 Writes WORKDIR/<name>/metrics.jsonl and WORKDIR/<name>/final.safetensors (rank 0) for name in
 reference, k0, k1, k2, k1_current (K = 1 recomputing π_old with the current weights: the wrong behaviour
-policy, which the test shows as an engine/trainer gap) and k1_proximal_tis (decoupled PPO + token TIS).
+policy, which the test shows as an engine/trainer gap), k1_proximal_tis (decoupled PPO + token TIS), and
+k1_first / k1_resumed_a / k1_resumed_b (a K = 1 run checkpointed after one rollout, resumed twice).
 """
 
 import json
@@ -72,7 +73,11 @@ def main() -> None:
     workdir, flags = Path(sys.argv[1]), json.loads(sys.argv[2])
     runs = {"reference": {}, "k0": {"--max-staleness": 0}, "k1": {"--max-staleness": 1},
             "k2": {"--max-staleness": 2}, "k1_current": {"--max-staleness": 1},
-            "k1_proximal_tis": {"--max-staleness": 1, "--logprob-source": "proximal", "--gate": "tis"}}
+            "k1_proximal_tis": {"--max-staleness": 1, "--logprob-source": "proximal", "--gate": "tis"},
+            # Resume at K = 1: a 1-rollout run saves; two runs resume from that checkpoint.
+            "k1_first": {"--max-staleness": 1, "--train-iters": 2, "--save": str(workdir / "ckpt")},
+            "k1_resumed_a": {"--max-staleness": 1, "--load": str(workdir / "ckpt"), "--save": str(workdir / "save_a")},
+            "k1_resumed_b": {"--max-staleness": 1, "--load": str(workdir / "ckpt"), "--save": str(workdir / "save_b")}}
     configs = {name: parse_config(flags_to_argv({**flags, **extra}) + ["--run-dir", str(workdir / name),
                                                                         "--no-progress"])
                for name, extra in runs.items()}

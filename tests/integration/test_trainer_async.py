@@ -91,3 +91,18 @@ def test_proximal_tis_weighs_by_the_proximal_over_behaviour_ratio(async_runs):
     stale_first = [r for r in rows if r["update_in_rollout"] == 0 and r["batch_index"] >= 1]
     assert stale_first and all(r["gate_min"] < 1.0 < r["gate_max"] for r in stale_first), stale_first
     assert all(r["engine_logprob_gap_mean_proximal"] > 0 for r in stale_first)
+
+
+def test_resume_at_k1_is_deterministic_and_restarts_the_lag(async_runs):
+    """Two resumes from one checkpoint train identically; the batch right after the resume comes from the
+    resumed weights (staleness 0), so the resumed run is not the uninterrupted one (documented)."""
+    a, b = (load_file(str(async_runs / n / "final.safetensors")) for n in ("k1_resumed_a", "k1_resumed_b"))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    rows_a, rows_b = steps(async_runs, "k1_resumed_a"), steps(async_runs, "k1_resumed_b")
+    assert [r["step"] for r in rows_a] == [3, 4, 5, 6]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    per_step = PROMPTS * SAMPLES
+    assert [(r["batch_index"], r["staleness_max"]) for r in rows_a] == [(1, 0), (1, 0), (2, 1), (2, 1)]
+    assert all(r["staleness_0" if r["batch_index"] == 1 else "staleness_1"] == per_step for r in rows_a)
+    uninterrupted = load_file(str(async_runs / "k1" / "final.safetensors"))
+    assert any(not torch.equal(a[n], uninterrupted[n]) for n in a)
