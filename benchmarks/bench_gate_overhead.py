@@ -55,7 +55,7 @@ def main() -> None:
     run = build_components(cfg, state)
     sync_weights(run)
     exp, _ = run.maker.make(0)
-    exp.old_logprobs = recompute_logprobs(run.student, exp, [torch.arange(batch)], state, batch)
+    exp.old_logprobs = recompute_logprobs(run.student, exp, [torch.arange(batch)], state, batch, loss=run.loss)
     gated = run.loss
     plain = MicrobatchLoss(dataclasses.replace(gated.settings, gate=DriftGateConfig(granularity="none")),
                            state.tp_group, state.dp_cp_group)

@@ -29,12 +29,21 @@
 #                          serve SGLang); sets GPUS_PER_NODE to its length when that is unset.
 #                          Unset means GPUs 0..GPUS_PER_NODE-1. With START_SERVERS=1 the trainer's
 #                          GPUs, STUDENT_GPUS [0] and TEACHER_GPUS [1] must be disjoint (refused otherwise)
-#  parallelism (world size NNODES*GPUS_PER_NODE must be divisible by TP*PP*CP; DP is the rest)
+#   RECIPE [unset]         qwen3-30b-a3b: the MoE student recipe (slime's layout for 8 GPUs): STUDENT_HF
+#                          [$MODELS_DIR/Qwen3-30B-A3B], TEACHER_HF [$MODELS_DIR/Qwen3-235B-A22B], TP [4] +
+#                          SP, EP [8], ETP [1], MOE_ROUTER_DTYPE [fp32], MOE_AUX_LOSS_COEFF [0]; any of these
+#                          variables set explicitly wins
+#  parallelism (world size NNODES*GPUS_PER_NODE must be divisible by TP*PP*CP and by ETP*EP*PP; DP is the rest)
 #   TP [1]                 --tensor-model-parallel-size
 #   PP [1]                 --pipeline-model-parallel-size
 #   VPP [unset]            --virtual-pipeline-model-parallel-size (needs PP>1)
 #   CP [1]                 --context-parallel-size
 #   SP [auto]              --sequence-parallel: auto = on when TP>1; 1 = on (needs TP>1); 0 = off
+#   EP [1]                 --expert-model-parallel-size (MoE students: ranks splitting the experts)
+#   ETP [unset: TP]        --expert-tensor-parallel-size (MoE students: ranks splitting each expert)
+#   MOE_AUX_LOSS_COEFF [unset: 0]   --moe-aux-loss-coeff (load-balancing loss; RL/OPD runs use 0 or tiny)
+#   MOE_ROUTER_DTYPE [unset: fp32]  --moe-router-dtype fp32 | fp64
+#   MOE_TOKEN_DISPATCHER [unset: alltoall]   --moe-token-dispatcher-type alltoall | allgather
 #   DISTRIBUTED_TIMEOUT_MINUTES [unset: trainer default, 60]   --distributed-timeout-minutes (every
 #                          NCCL group; must outlast rank 0's evaluation / HF export)
 #  models
@@ -117,7 +126,21 @@ count_gpus() {
     echo 8
 }
 
+# apply_recipe: a named recipe's defaults (variables the user set explicitly win)
+apply_recipe() {
+    case "${RECIPE:-}" in
+        "") ;;
+        qwen3-30b-a3b)
+            MODELS_DIR=${MODELS_DIR:-/models}
+            STUDENT_HF=${STUDENT_HF:-$MODELS_DIR/Qwen3-30B-A3B}; TEACHER_HF=${TEACHER_HF:-$MODELS_DIR/Qwen3-235B-A22B}
+            TP=${TP:-4}; SP=${SP:-1}; EP=${EP:-8}; ETP=${ETP:-1}
+            MOE_ROUTER_DTYPE=${MOE_ROUTER_DTYPE:-fp32}; MOE_AUX_LOSS_COEFF=${MOE_AUX_LOSS_COEFF:-0} ;;
+        *) die "RECIPE must be empty or qwen3-30b-a3b, got '$RECIPE'" ;;
+    esac
+}
+
 set_defaults() {
+    apply_recipe
     if [ -z "${PYTHON:-}" ]; then
         if [ -x "$REPO_ROOT/.venv/bin/python" ]; then PYTHON="$REPO_ROOT/.venv/bin/python"; else PYTHON=python3; fi
     fi
@@ -125,6 +148,8 @@ set_defaults() {
     NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; MASTER_PORT=${MASTER_PORT:-29500}
     MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; GPUS_PER_NODE=${GPUS_PER_NODE:-$(count_gpus)}
     TP=${TP:-1}; PP=${PP:-1}; VPP=${VPP:-}; CP=${CP:-1}; SP=${SP:-auto}
+    EP=${EP:-1}; ETP=${ETP:-}; MOE_AUX_LOSS_COEFF=${MOE_AUX_LOSS_COEFF:-}; MOE_ROUTER_DTYPE=${MOE_ROUTER_DTYPE:-}
+    MOE_TOKEN_DISPATCHER=${MOE_TOKEN_DISPATCHER:-}
     DISTRIBUTED_TIMEOUT_MINUTES=${DISTRIBUTED_TIMEOUT_MINUTES:-}
     MODELS_DIR=${MODELS_DIR:-/models}; STUDENT_HF=${STUDENT_HF:-$MODELS_DIR/Qwen3-1.7B}
     STUDENT_MCORE=${STUDENT_MCORE-$STUDENT_HF-mcore}; TEACHER_HF=${TEACHER_HF:-$MODELS_DIR/Qwen3-8B}
@@ -159,8 +184,8 @@ require_int() {  # require_int NAME MIN
 }
 
 validate_layout() {
-    local name world model_parallel
-    for name in NNODES GPUS_PER_NODE TP PP CP MASTER_PORT; do require_int "$name" 1; done
+    local name world model_parallel expert_parallel
+    for name in NNODES GPUS_PER_NODE TP PP CP EP MASTER_PORT; do require_int "$name" 1; done
     require_int NODE_RANK 0
     (( NODE_RANK < NNODES )) || die "NODE_RANK=$NODE_RANK must be below NNODES=$NNODES"
     if (( NNODES > 1 )) && [[ "$MASTER_ADDR" =~ ^(127\.|localhost$) ]]; then
@@ -169,6 +194,9 @@ validate_layout() {
     world=$(( NNODES * GPUS_PER_NODE )); model_parallel=$(( TP * PP * CP ))
     (( world % model_parallel == 0 )) || die "world size $world (NNODES=$NNODES x GPUS_PER_NODE=$GPUS_PER_NODE) is not divisible by TP*PP*CP = $TP*$PP*$CP = $model_parallel; change TP, PP or CP"
     DP=$(( world / model_parallel ))
+    if [ -n "$ETP" ]; then require_int ETP 1; fi
+    expert_parallel=$(( ${ETP:-$TP} * EP * PP ))
+    (( world % expert_parallel == 0 )) || die "world size $world is not divisible by ETP*EP*PP = ${ETP:-$TP}*$EP*$PP = $expert_parallel (ETP defaults to TP); change EP or set ETP (e.g. ETP=1)"
     if [ -n "$VPP" ]; then
         require_int VPP 1
         (( PP > 1 )) || die "VPP=$VPP needs pipeline parallelism (PP>1), got PP=$PP"
@@ -235,6 +263,9 @@ build_train_args() {
     flag tensor-model-parallel-size "$TP"; flag pipeline-model-parallel-size "$PP"
     flag virtual-pipeline-model-parallel-size "$VPP"; flag context-parallel-size "$CP"
     switch sequence-parallel "$SP"; flag distributed-timeout-minutes "$DISTRIBUTED_TIMEOUT_MINUTES"
+    if (( EP > 1 )); then flag expert-model-parallel-size "$EP"; fi
+    flag expert-tensor-parallel-size "$ETP"; flag moe-aux-loss-coeff "$MOE_AUX_LOSS_COEFF"
+    flag moe-router-dtype "$MOE_ROUTER_DTYPE"; flag moe-token-dispatcher-type "$MOE_TOKEN_DISPATCHER"
     flag student-hf "$STUDENT_HF"; flag load "$STUDENT_MCORE"; switch bf16 "$BF16"
     if [ "$TEACHER_URLS" = local ]; then flag teacher-hf "$TEACHER_HF"; fi
     flag rollout-url "$ROLLOUT_URLS"; flag teacher-url "$TEACHER_URLS"
@@ -294,7 +325,7 @@ print_words() {
 print_plan() {
     echo "# megatron-opd Block64 run plan (DRY_RUN=1: nothing was started)"
     echo "layout: NNODES=$NNODES GPUS_PER_NODE=$GPUS_PER_NODE world=$(( NNODES * GPUS_PER_NODE ))" \
-         "TP=$TP PP=$PP VPP=${VPP:-none} CP=$CP SP=$SP -> DP=$DP; node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
+         "TP=$TP PP=$PP VPP=${VPP:-none} CP=$CP SP=$SP EP=$EP ETP=${ETP:-$TP} -> DP=$DP; node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
     echo "rollout (student) SGLang endpoints: $ROLLOUT_URLS"
     echo "teacher SGLang endpoints: $TEACHER_URLS"
     if [ "$START_SERVERS" = 1 ]; then

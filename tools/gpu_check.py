@@ -34,6 +34,10 @@ the others; the process exits 0 only when all passed):
   = 2× forward, and the attention scores and values (4·T²·d_h per head forward) counted for the causal
   half. MFU = those FLOPs / step time / the bf16 matmul peak MEASURED on the same device
   (an n×n×n bf16 matmul, 2·n³ FLOPs).
+* ``chunked_head`` (``tools/chunked_head_section.py``): the trainer's head + loss forward + backward in bf16 on
+  the Qwen3-1.7B head, the materialised logits against the chunked head: peak memory
+  (``torch.cuda.max_memory_allocated``), time and their ratios at T = 4k, 16k, 32k, and the longest T that fits at
+  TP = 1 for each path (bounded doubling search, under a minute in all).
 """
 
 from __future__ import annotations
@@ -59,6 +63,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # the checkout's megatron_opd, installed or not
 
+from chunked_head_section import section_chunked_head  # noqa: E402 - tools/ is on the path beside this file
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -74,6 +80,8 @@ class Sizes:
     bench_steps: int
     peak_n: int
     te_dtypes: tuple
+    moe_model: dict  # HF Qwen3MoeConfig fields of the MoE throughput model
+    moe_tokens: int
 
 
 FULL = Sizes(
@@ -83,16 +91,28 @@ FULL = Sizes(
     bench_model=dict(num_hidden_layers=28, hidden_size=2048, num_attention_heads=16, num_key_value_heads=8,
                      head_dim=128, intermediate_size=6144, vocab_size=151_936, tie_word_embeddings=True,
                      max_position_embeddings=40_960, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
-    bench_tokens=8192, bench_warmup=2, bench_steps=5, peak_n=8192, te_dtypes=("bfloat16", "float32"))
+    bench_tokens=8192, bench_warmup=2, bench_steps=5, peak_n=8192, te_dtypes=("bfloat16", "float32"),
+    # Qwen3-30B-A3B (its config.json) with 4 of its 48 layers
+    moe_model=dict(num_hidden_layers=4, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                   head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                   num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151_936, tie_word_embeddings=False,
+                   max_position_embeddings=40_960, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    moe_tokens=8192)
 TINY = Sizes(
     toy_model=dict(layers=2, hidden=32, heads=4, kv_heads=2, head_dim=8, intermediate=64),
     ops_vocab=1000, ops_width=1024, ops_tokens=16,
     bench_model=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=16, intermediate_size=128, vocab_size=512, tie_word_embeddings=True,
                      max_position_embeddings=256, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
-    bench_tokens=128, bench_warmup=1, bench_steps=2, peak_n=128, te_dtypes=("float32",))
+    bench_tokens=128, bench_warmup=1, bench_steps=2, peak_n=128, te_dtypes=("float32",),
+    moe_model=dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                   num_experts_per_tok=2, norm_topk_prob=True, vocab_size=512, tie_word_embeddings=False,
+                   max_position_embeddings=256, rope_theta=1_000_000.0, rms_norm_eps=1e-6),
+    moe_tokens=128)
 
-SECTIONS = ("environment", "bf16_load_resume", "vocab_parallel_ops", "engines", "te_parity", "throughput_mfu")
+SECTIONS = ("environment", "bf16_load_resume", "vocab_parallel_ops", "engines", "te_parity", "throughput_mfu",
+            "chunked_head", "moe")
 
 
 def parse_args(argv=None):
@@ -487,17 +507,20 @@ def _opd_experience(tokens: int, vocab: int, seed: int = 0):
     return exp
 
 
-def _build_opd_student(workdir: Path, sizes: Sizes, state, device: torch.device):
+def _build_opd_student(workdir: Path, sizes: Sizes, state, device: torch.device, moe: bool = False):
     """The trainer's student and its OPD micro-batch loss, wired as ``training.components`` does."""
-    from transformers import Qwen3Config
+    from transformers import Qwen3Config, Qwen3MoeConfig
 
     from megatron_opd.training.cli import parse_config
     from megatron_opd.training.components import _rescale_grads
     from megatron_opd.training.loss import LossSettings, MicrobatchLoss
     from megatron_opd.training.megatron_setup import build_student
 
-    model_dir = workdir / "bench_model"
-    Qwen3Config(architectures=["Qwen3ForCausalLM"], **sizes.bench_model).save_pretrained(model_dir)
+    model_dir = workdir / ("moe_bench_model" if moe else "bench_model")
+    if moe:
+        Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], **sizes.moe_model).save_pretrained(model_dir)
+    else:
+        Qwen3Config(architectures=["Qwen3ForCausalLM"], **sizes.bench_model).save_pretrained(model_dir)
     cfg = parse_config(["--student-hf", str(model_dir), "--teacher-hf", str(model_dir), "--data-path", "toy",
                         "--objective", "sampled",
                         "--gate", "block", "--gate-block-size", "64", "--bf16", "--micro-batch-size", "1",
@@ -548,13 +571,91 @@ def section_throughput_mfu(check: Check, args, device: torch.device, workdir: Pa
     check.expect(0 < achieved / peak <= 1.0, f"MFU {achieved / peak:.3f} is outside (0, 1]: timing or FLOPs are wrong")
 
 
+# ---------------------------------------------------------------- MoE
+
+
+def moe_active_flops_per_step(cfg: dict, tokens: int) -> dict:
+    """6·N_active·T + 6·L·H·d_h·T² for one sequence of ``tokens`` (see the module docstring)."""
+    layers, d, heads = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"]
+    kv, dh, vocab = cfg["num_key_value_heads"], cfg["head_dim"], cfg["vocab_size"]
+    experts, topk, ff = cfg["num_experts"], cfg["num_experts_per_tok"], cfg["moe_intermediate_size"]
+    active = layers * (2 * d * heads * dh + 2 * d * kv * dh + d * experts + topk * 3 * d * ff) + d * vocab
+    total = layers * (2 * d * heads * dh + 2 * d * kv * dh + d * experts + experts * 3 * d * ff) + d * vocab
+    dense = 6 * active * tokens
+    attention = 6 * layers * heads * dh * tokens ** 2
+    return {"active_matmul_params": active, "total_matmul_params": total, "dense_flops": dense,
+            "attention_flops": attention, "total_flops": dense + attention}
+
+
+def _moe_parity(device: torch.device) -> float:
+    """Max |logit error| of a tiny Qwen3-MoE (8 experts, top-2) built by the trainer on ``device`` (fp32)
+    against HF transformers' fp32 forward on the CPU."""
+    from megatron_opd.models import build_qwen3_model, forward_logits, load_hf_weights
+    from megatron_opd.models.tiny import tiny_qwen3_moe_config, tiny_qwen3_moe_model
+    from megatron_opd.platform import ParallelConfig, initialize_distributed
+
+    config = tiny_qwen3_moe_config()
+    hf = tiny_qwen3_moe_model(config, seed=3)
+    state = initialize_distributed(ParallelConfig())
+    chunks = build_qwen3_model(config, state.config, dtype=torch.float32)
+    load_hf_weights(chunks, hf.state_dict(), config)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = hf(ids).logits
+    got = forward_logits(chunks, ids.to(device))[..., :config.vocab_size].float().cpu()
+    return _max_err(got, expected)
+
+
+def section_moe(check: Check, args, device: torch.device, workdir: Path, sizes: Sizes) -> None:
+    import gc
+
+    from megatron_opd.platform import ParallelConfig, initialize_distributed
+    from megatron_opd.training.loop import REPORT_KEYS
+    from megatron_opd.training.step import train_step
+
+    parity = _moe_parity(device)
+    check.put(tiny_logit_max_err_vs_hf=parity)
+    check.expect(parity < 1e-2, f"tiny Qwen3-MoE logits differ from HF by {parity:.3g} (fp32; allowed 1e-2)")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    peak = measure_bf16_peak(device, sizes.peak_n)
+    state = initialize_distributed(ParallelConfig())
+    student, loss = _build_opd_student(workdir, sizes, state, device, moe=True)
+    exp = _opd_experience(sizes.moe_tokens, sizes.moe_model["vocab_size"])
+    times, losses = [], []
+    for step in range(sizes.bench_warmup + sizes.bench_steps):
+        _sync(device)
+        start = time.perf_counter()
+        result = train_step(student, loss, exp, state, 1, REPORT_KEYS)
+        _sync(device)
+        if step >= sizes.bench_warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(result["loss_sum"] / max(result["tokens"], 1))
+    step_time = sorted(times)[len(times) // 2]  # median
+    flops = moe_active_flops_per_step(sizes.moe_model, sizes.moe_tokens)
+    achieved = flops["total_flops"] / step_time
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    check.put(model=sizes.moe_model, expert_model_parallel_size=1, tokens_per_micro_batch=sizes.moe_tokens,
+              step_times_s=times, median_step_s=step_time, tokens_per_s=sizes.moe_tokens / step_time, **flops,
+              achieved_tflops=achieved / 1e12, measured_bf16_peak_tflops=peak / 1e12, mfu=achieved / peak,
+              losses=losses, max_memory_gib=memory,
+              flops_formula="6*N_active*T + 6*L*H*d_h*T^2 (N_active: attention, router, top-k experts, LM head)")
+    check.expect(all(math.isfinite(v) for v in losses), f"non-finite MoE train-step loss: {losses}")
+    check.expect(0 < achieved / peak <= 1.0, f"MoE MFU {achieved / peak:.3f} is outside (0, 1]")
+    del student, loss
+    gc.collect()
+
+
 # ---------------------------------------------------------------- main
 
 
 def _all_sections() -> dict:
     return {"environment": lambda c, a, d, w, s: section_environment(c, a, d, w),
             "bf16_load_resume": section_bf16_load_resume, "vocab_parallel_ops": section_vocab_parallel_ops,
-            "engines": section_engines, "te_parity": section_te_parity, "throughput_mfu": section_throughput_mfu}
+            "engines": section_engines, "te_parity": section_te_parity, "throughput_mfu": section_throughput_mfu,
+            "chunked_head": section_chunked_head, "moe": section_moe}
 
 
 def _write_report(path: Path, report: dict, start: float) -> None:

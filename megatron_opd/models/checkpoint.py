@@ -40,6 +40,7 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
 def _layout(model_chunks: list) -> dict:
     first = unwrap(model_chunks[0])
     return {"tp": first.tp_group.size(), "pp": first.pp_group.size(), "vpp": len(model_chunks),
+            "ep": first.pg_collection.ep.size() if first.config.num_moe_experts else 1,
             "padded_vocab_size": first.padded_vocab_size, "real_vocab_size": first.real_vocab_size,
             "dtype": str(next(first.parameters()).dtype).removeprefix("torch.")}
 
@@ -138,11 +139,24 @@ def read_checkpoint_marker(ckpt_dir) -> dict:
 
 
 def _check_layout(saved: dict, current: dict, ckpt_dir: Path) -> bool:
-    """Raise on a vocab mismatch; return whether the (PP, TP) layout matches (RNG state is per rank)."""
+    """Raise on a vocab mismatch; return whether the (PP, TP, EP) layout matches (RNG state is per rank)."""
     for key in ("real_vocab_size", "padded_vocab_size"):
         if saved[key] != current[key]:
             raise ValueError(f"{ckpt_dir}: checkpoint {key}={saved[key]} but the model has {current[key]}")
-    return saved["tp"] == current["tp"] and saved["pp"] == current["pp"]
+    return saved["tp"] == current["tp"] and saved["pp"] == current["pp"] and saved.get("ep", 1) == current["ep"]
+
+
+def _optimizer_reshardable(saved: dict, current: dict, ckpt_dir: Path, optimizer) -> bool:
+    """Megatron-Core 0.16.1 gives a MoE student at EP > 1 a ChainedOptimizer (dense and expert parameters
+    apart) and one optimizer at EP = 1; their checkpointed state is structured differently, so Adam's state
+    does not survive a change of EP. The weights do (they reshard); the optimizer then starts fresh."""
+    if optimizer is None or saved.get("ep", 1) == current["ep"]:
+        return True
+    if dist.get_rank() == 0:
+        logger.warning("%s: saved at expert_model_parallel_size=%d, loading at %d: weights and scheduler are "
+                       "restored, the optimizer state is not (it starts fresh)", ckpt_dir, saved.get("ep", 1),
+                       current["ep"])
+    return False
 
 
 def _check_model_tensors(template: dict, num_chunks: int, ckpt_dir: Path) -> None:
@@ -199,7 +213,8 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
                     load_rng: bool = True) -> dict:
     """Load a ``save_checkpoint`` directory into ``model_chunks`` (any TP/PP/VPP layout); return extra_state.
 
-    RNG state is restored only when the checkpoint's TP and PP sizes match the current ones.
+    RNG state is restored only when the checkpoint's TP, PP and EP sizes match the current ones; the
+    optimizer state only when EP matches (see ``_optimizer_reshardable``).
     Collective: every rank calls it.
     """
     from megatron.core import dist_checkpointing
@@ -207,6 +222,8 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
     ckpt_dir = Path(ckpt_dir)
     marker = read_checkpoint_marker(ckpt_dir)
     same_layout = _check_layout(marker["layout"], _layout(model_chunks), ckpt_dir)
+    if not _optimizer_reshardable(marker["layout"], _layout(model_chunks), ckpt_dir, optimizer):
+        optimizer = None
     rng = load_rng and marker.get("rng_state", False) and same_layout
     if load_rng and marker.get("rng_state") and not same_layout and dist.get_rank() == 0:
         logger.warning("%s: RNG state saved at another TP/PP layout; not restored", ckpt_dir)

@@ -11,8 +11,15 @@ import logging
 
 import torch
 
-from megatron_opd.models.megatron_config import head_dim, padded_vocab_size, rope_theta, to_transformer_config
+from megatron_opd.models.megatron_config import (
+    MoEOptions,
+    head_dim,
+    padded_vocab_size,
+    rope_theta,
+    to_transformer_config,
+)
 from megatron_opd.platform import ParallelConfig
+from megatron_opd.platform.fallbacks import patch_moe_without_te
 
 
 def transformer_engine_available() -> bool:
@@ -51,16 +58,19 @@ class _DropSubclassMLPNote(logging.Filter):
 _SUBCLASS_MLP_NOTE = _DropSubclassMLPNote()
 
 
-def _local_layer_spec():
+def _local_layer_spec(num_experts: int | None = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_opd.models.sdpa_attention import SDPADotProductAttention
     from megatron_opd.models.swiglu_mlp import SwiGLUMLP
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    # MoE: Megatron's MoELayer with SequentialMLP experts (each a local MLP; no grouped GEMM on CPU).
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=True,
+                                    normalization="RMSNorm")
     # Fused SDPA for the causal case: the unfused local attention was most of a CPU train step.
     spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
-    spec.submodules.mlp.module = SwiGLUMLP  # SwiGLU as one autograd node (no strided add/cat)
+    if num_experts is None:
+        spec.submodules.mlp.module = SwiGLUMLP  # SwiGLU as one autograd node (no strided add/cat)
     layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
     if _SUBCLASS_MLP_NOTE not in layer_logger.filters:
         layer_logger.addFilter(_SUBCLASS_MLP_NOTE)
@@ -72,14 +82,16 @@ def _local_layer_spec():
     return spec
 
 
-def build_layer_spec(use_te: bool | None = None):
-    """The transformer-layer ``ModuleSpec``: TE when available (or forced with ``use_te``), else local."""
+def build_layer_spec(use_te: bool | None = None, num_experts: int | None = None):
+    """The transformer-layer ``ModuleSpec``: TE when available (or forced with ``use_te``), else local.
+    ``num_experts`` (Qwen3-MoE) gives MoE layers with SequentialMLP experts."""
     use_te = transformer_engine_available() if use_te is None else use_te
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    return _local_layer_spec()
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                                          qk_layernorm=True)
+    return _local_layer_spec(num_experts)
 
 
 def _stage_flags(pp_group, vp_stage: int | None, num_chunks: int) -> tuple[bool, bool]:
@@ -103,8 +115,10 @@ def _block_spec(config, layer_spec, use_te: bool, vp_stage: int | None, pp_rank:
 
 
 def build_qwen3_model(hf_config, parallel: ParallelConfig, dtype: torch.dtype = torch.float32,
-                      use_te: bool | None = None, pg_collection=None) -> list:
-    """Build this rank's Qwen3 ``GPTModel`` chunks (one per virtual pipeline stage).
+                      use_te: bool | None = None, pg_collection=None, moe: MoEOptions | None = None) -> list:
+    """Build this rank's Qwen3 / Qwen3-MoE ``GPTModel`` chunks (one per virtual pipeline stage).
+
+    ``moe``: router/aux-loss/dispatcher settings of a MoE student (``MoEOptions()`` by default).
 
     Needs ``platform.initialize_distributed(parallel)`` first; ``pg_collection`` defaults to that call's
     groups (``ParallelState.pg_collection``). Weights are randomly initialised; load
@@ -119,9 +133,11 @@ def build_qwen3_model(hf_config, parallel: ParallelConfig, dtype: torch.dtype = 
     from megatron_opd.platform import default_pg_collection
 
     pg_collection = pg_collection or default_pg_collection()
-    config = to_transformer_config(hf_config, parallel, dtype)
+    config = to_transformer_config(hf_config, parallel, dtype, moe=moe)
+    if config.num_moe_experts:
+        patch_moe_without_te()
     use_te = transformer_engine_available() if use_te is None else use_te
-    spec = build_layer_spec(use_te)
+    spec = build_layer_spec(use_te, config.num_moe_experts)
     vocab = padded_vocab_size(hf_config.vocab_size, parallel.tensor_model_parallel_size)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []

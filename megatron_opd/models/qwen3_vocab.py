@@ -94,17 +94,25 @@ def _check_added_ids(tokenizer) -> None:
 
 
 def write_tiny_qwen3_checkpoint(directory: str | Path, *, tokenizer=None, seed: int = 0, layers: int = 2,
-                                hidden: int = 64, tie_word_embeddings: bool = True, **config_overrides) -> Path:
+                                hidden: int = 64, tie_word_embeddings: bool = True, moe: dict | None = None,
+                                **config_overrides) -> Path:
     """A random tiny Qwen3 (HF safetensors + config + generation config + tokenizer) in ``directory``.
 
     With ``tokenizer=None`` it gets the real Qwen3 tokenizer (pass one from ``build_qwen3_tokenizer``
     to save its ~10 s build); a Qwen3 tokenizer gets Qwen3's 151,936-row vocabulary, any other one a
     vocabulary of its own size. SGLang and the trainer load it as
-    they would a real Qwen3 directory.
+    they would a real Qwen3 directory. ``moe`` (e.g. ``{"num_experts": 8, "num_experts_per_tok": 2}``) makes it
+    a Qwen3-MoE (``models.tiny.tiny_qwen3_moe_config``); SGLang 0.5.23's Qwen3-MoE ignores
+    ``tie_word_embeddings`` (its lm_head is never tied), so give MoE checkpoints for SGLang untied embeddings.
     """
     from transformers import GenerationConfig
 
-    from megatron_opd.models.tiny import tiny_qwen3_config, tiny_qwen3_model
+    from megatron_opd.models.tiny import (
+        tiny_qwen3_config,
+        tiny_qwen3_model,
+        tiny_qwen3_moe_config,
+        tiny_qwen3_moe_model,
+    )
 
     directory = Path(directory)
     tokenizer = build_qwen3_tokenizer() if tokenizer is None else tokenizer
@@ -115,7 +123,10 @@ def write_tiny_qwen3_checkpoint(directory: str | Path, *, tokenizer=None, seed: 
                   bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                   pad_token_id=tokenizer.pad_token_id)
     fields.update(config_overrides)
-    model = tiny_qwen3_model(tiny_qwen3_config(**fields), seed=seed)
+    if moe is not None:
+        model = tiny_qwen3_moe_model(tiny_qwen3_moe_config(**{**fields, **moe}), seed=seed)
+    else:
+        model = tiny_qwen3_model(tiny_qwen3_config(**fields), seed=seed)
     model.save_pretrained(str(directory), safe_serialization=True)
     eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]  # Qwen3's generation config stops on both
     GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.pad_token_id,

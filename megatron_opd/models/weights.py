@@ -1,11 +1,13 @@
 """Move full HF weights into a TP/PP-sharded Megatron model, and gather them back out.
 
 ``load_hf_weights``: every rank converts the full HF dict and copies its own TP/PP shard.
-``gather_hf_state_dict``: all-gather over TP, broadcast over PP → the full HF dict on every rank
-(used for weight sync to rollout engines and for HF export).
+``gather_hf_state_dict``: all-gather over TP (experts: over expert-TP, then over EP), broadcast over PP →
+the full HF dict on every rank (used for weight sync to rollout engines and for HF export).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.distributed as dist
@@ -13,6 +15,7 @@ import torch.distributed as dist
 from megatron_opd.models.weight_mapping import (
     canonical_name,
     hf_to_megatron_state_dict,
+    is_expert_param,
     is_gated_fc1,
     megatron_to_hf_state_dict,
     tp_partition_dim,
@@ -32,12 +35,28 @@ def layer_offset(model) -> int:
     return layers[0].layer_number - 1 if len(layers) else 0
 
 
+def expert_offset(model) -> int:
+    """Global index of this EP rank's first expert (ep_rank · E/EP); 0 for a dense model."""
+    gpt = unwrap(model)
+    num_experts = gpt.config.num_moe_experts
+    if not num_experts:
+        return 0
+    ep = gpt.pg_collection.ep
+    return ep.rank() * (num_experts // ep.size())
+
+
 def iter_canonical_params(model):
     """Yield (canonical full-model name, parameter) for one chunk; the tied output copy is named as such."""
     gpt = unwrap(model)
-    offset = layer_offset(gpt)
+    offset, first_expert = layer_offset(gpt), expert_offset(gpt)
     for name, param in gpt.named_parameters():
-        yield canonical_name(name, offset), param
+        yield canonical_name(name, offset, first_expert), param
+
+
+def tp_group_of(model, name: str):
+    """The group splitting this tensor's matrix: expert-TP for expert weights, TP otherwise."""
+    gpt = unwrap(model)
+    return gpt.pg_collection.expt_tp if is_expert_param(name) else gpt.tp_group
 
 
 def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -67,13 +86,13 @@ def load_hf_weights(model_chunks: list, hf_state_dict: dict, hf_config) -> None:
     """
     first = unwrap(model_chunks[0])
     full = hf_to_megatron_state_dict(hf_state_dict, hf_config, padded_vocab=first.padded_vocab_size)
-    tp_rank, tp_size = first.tp_group.rank(), first.tp_group.size()
     for chunk in model_chunks:
         for name, param in iter_canonical_params(chunk):
             source = _source_name(name, full, bool(hf_config.tie_word_embeddings))
             if source not in full:
                 raise KeyError(f"no HF tensor maps to Megatron parameter {name!r}")
-            shard = shard_tensor(source, full[source], tp_rank, tp_size)
+            group = tp_group_of(chunk, name)
+            shard = shard_tensor(source, full[source], group.rank(), group.size())
             if shard.shape != param.shape:
                 raise ValueError(f"Megatron parameter {name!r}: shard shape {list(shard.shape)} from HF "
                                  f"does not match the model's {list(param.shape)}")
@@ -93,15 +112,35 @@ def _gather_tp(name: str, local: torch.Tensor, tp_group) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
+_LOCAL_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..+)$")
+
+
+def _gather_ep(name: str, full_local: torch.Tensor, ep_group, experts_per_rank: int) -> dict:
+    """All-gather one expert tensor over EP: {canonical name of every EP rank's copy: tensor}.
+    ``name`` carries this rank's global expert index; rank r's copy is expert r·E/EP + local."""
+    if ep_group.size() == 1:
+        return {name: full_local}
+    parts = [torch.empty_like(full_local) for _ in range(ep_group.size())]
+    dist.all_gather(parts, full_local.contiguous(), group=ep_group)  # collective over EP
+    prefix, global_index, suffix = _LOCAL_EXPERT.match(name).groups()
+    local = int(global_index) % experts_per_rank
+    return {f"{prefix}{rank * experts_per_rank + local}{suffix}": part for rank, part in enumerate(parts)}
+
+
 def _local_full_tensors(model_chunks: list, tied: bool) -> dict:
-    """This PP rank's tensors, full over TP, keyed by canonical name (tied output copy skipped)."""
+    """This PP rank's tensors, full over TP and EP, keyed by canonical name (tied output copy skipped)."""
     out = {}
     for chunk in model_chunks:
         gpt = unwrap(chunk)
         for name, param in iter_canonical_params(chunk):
             if tied and name == "output_layer.weight" and not gpt.pre_process:
                 continue  # the last stage's copy of the embedding; the first stage owns it
-            out[name] = _gather_tp(name, param, gpt.tp_group)
+            full = _gather_tp(name, param, tp_group_of(gpt, name))
+            if is_expert_param(name):
+                ep = gpt.pg_collection.ep
+                out.update(_gather_ep(name, full, ep, gpt.config.num_moe_experts // ep.size()))
+            else:
+                out[name] = full
     return out
 
 

@@ -25,9 +25,11 @@ def local_ids(ids: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch
 
 def gather_owned(logits2d: torch.Tensor, ids2d: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """logits2d [N, V_local], ids2d [N, J] global ids -> [N, J] compute dtype, complete on every rank."""
-    columns, owned = local_ids(ids2d, shard)
-    values = torch.gather(logits2d, 1, columns).to(compute_dtype(logits2d.dtype))
-    values = torch.where(owned, values, 0.0)
+    if logits2d.shape[1] == 0:  # a shard of padding only (e.g. logits sliced to num_valid = 0) owns no id
+        values = torch.zeros(ids2d.shape, dtype=compute_dtype(logits2d.dtype), device=logits2d.device)
+    else:
+        columns, owned = local_ids(ids2d, shard)
+        values = torch.where(owned, torch.gather(logits2d, 1, columns).to(compute_dtype(logits2d.dtype)), 0.0)
     return all_reduce_sum(values, shard)  # collective: TP sum, each id is owned by exactly one rank
 
 

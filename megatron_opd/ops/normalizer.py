@@ -20,11 +20,12 @@ from megatron_opd.ops.shard import VocabShard, all_gather_stack, compute_dtype
 LOG_ZERO = -1.0e4
 
 
-def local_softmax_stats(chunk: torch.Tensor, with_entropy: bool) -> torch.Tensor:
+def local_softmax_stats(chunk: torch.Tensor, with_entropy: bool, overwrite: bool = False) -> torch.Tensor:
     """(m_r, S_r, A_r) of one shard. chunk: [n, V_valid] any float dtype -> [n, 3] compute dtype.
 
     −inf logits are allowed (they get probability 0); a row whose shard is all −inf contributes
-    like a padding-only shard (m_r = −inf, S_r = A_r = 0).
+    like a padding-only shard (m_r = −inf, S_r = A_r = 0). ``overwrite``: a compute-dtype ``chunk``
+    that is a temporary of the caller is used as the work buffer (its values are destroyed).
     """
     cdtype = compute_dtype(chunk.dtype)
     n = chunk.shape[0]
@@ -34,7 +35,9 @@ def local_softmax_stats(chunk: torch.Tensor, with_entropy: bool) -> torch.Tensor
         return stats
     row_max = chunk.amax(dim=-1).to(cdtype)  # [n]
     safe_max = torch.where(torch.isfinite(row_max), row_max, 0.0)  # an all −inf row must not give −inf − −inf
-    shifted = chunk.to(cdtype, copy=True).sub_(safe_max[:, None]).clamp_min_(LOG_ZERO)  # [n, V_valid], the one copy
+    in_place = overwrite and chunk.dtype == cdtype
+    shifted = (chunk if in_place else chunk.to(cdtype, copy=True))  # [n, V_valid], the one copy (if any)
+    shifted.sub_(safe_max[:, None]).clamp_min_(LOG_ZERO)
     if with_entropy:
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
@@ -61,9 +64,10 @@ def combine_softmax_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return row_max + log_sum, log_sum - total_weighted / total_sum
 
 
-def chunk_log_normalizer(chunk: torch.Tensor, shard: VocabShard, with_entropy: bool):
-    """(log Z [n], H [n]) of the rows of ``chunk`` [n, V_valid] over the whole TP vocab."""
-    stats = local_softmax_stats(chunk, with_entropy)
+def chunk_log_normalizer(chunk: torch.Tensor, shard: VocabShard, with_entropy: bool, overwrite: bool = False):
+    """(log Z [n], H [n]) of the rows of ``chunk`` [n, V_valid] over the whole TP vocab
+    (``overwrite``: see ``local_softmax_stats``)."""
+    stats = local_softmax_stats(chunk, with_entropy, overwrite)
     return combine_softmax_stats(all_gather_stack(stats, shard))  # collective: TP all-gather of [n, 3]
 
 

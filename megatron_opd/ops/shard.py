@@ -41,11 +41,15 @@ class VocabShard:
 
 def build_vocab_shard(logits: torch.Tensor, group=None, vocab_size: int | None = None) -> VocabShard:
     """Locate the local shard of ``logits`` [..., V_local] in the global vocab of the TP ``group``."""
+    return vocab_shard_of_width(logits.shape[-1], group, vocab_size)
+
+
+def vocab_shard_of_width(local_size: int, group=None, vocab_size: int | None = None) -> VocabShard:
+    """The shard of ``local_size`` columns (V_local) this rank of the TP ``group`` holds."""
     world = 1 if group is None else dist.get_world_size(group)
     rank = 0 if group is None else dist.get_rank(group)
     if world == 1:
         group = None
-    local_size = logits.shape[-1]
     padded = local_size * world
     if vocab_size is None:
         vocab_size = padded
@@ -53,7 +57,7 @@ def build_vocab_shard(logits: torch.Tensor, group=None, vocab_size: int | None =
         raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if vocab_size > padded:
         raise ValueError(
-            f"vocab_size={vocab_size} is larger than the sharded vocab of the logits "
+            f"vocab_size={vocab_size} is larger than the sharded vocab "
             f"({local_size} columns x TP {world} = {padded}): pass the real vocab size or the right group"
         )
     start = rank * local_size

@@ -22,7 +22,7 @@ from megatron_opd.ops.shard import (
 )
 
 
-def _local_topk(chunk: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+def local_topk(chunk: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of one shard's valid columns as ([n, k] values, [n, k] global ids), padded with −inf / −1."""
     n = chunk.shape[0]
     values = torch.full((n, k), float("-inf"), dtype=compute_dtype(chunk.dtype), device=chunk.device)
@@ -35,7 +35,7 @@ def _local_topk(chunk: torch.Tensor, k: int, shard: VocabShard) -> tuple[torch.T
     return values, ids
 
 
-def _merge_topk(values, ids, k, shard: VocabShard):
+def merge_topk(values, ids, k, shard: VocabShard):
     """Global top-k from every rank's candidates: values/ids [n, k] -> [n, k] each, sorted descending."""
     all_values = all_gather_stack(values, shard)  # collective: TP all-gather of [n, k] values
     all_ids = all_gather_stack(ids, shard)  # collective: TP all-gather of [n, k] ids
@@ -66,7 +66,7 @@ def vocab_parallel_topk(logits: torch.Tensor, k: int, group=None, *, vocab_size:
     out_values, out_ids = [], []
     for rows in row_chunks(logits2d.shape[0], default_chunk_size(shard, chunk_size)):
         chunk = logits2d[rows, : shard.num_valid]
-        values, ids = _merge_topk(*_local_topk(chunk, k, shard), k, shard)
+        values, ids = merge_topk(*local_topk(chunk, k, shard), k, shard)
         if return_logprobs:
             values = values - chunk_log_normalizer(chunk, shard, with_entropy=False)[0][:, None]
         out_values.append(values)

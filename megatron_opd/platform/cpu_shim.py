@@ -9,6 +9,7 @@ CUDA is available: on a GPU Megatron runs unpatched.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -78,6 +79,31 @@ class _CpuEvent:
         return 0.0
 
 
+class _CpuStream:
+    """Stand-in for ``torch.cuda.Stream``: one in-order CPU "stream", so waits and events are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event or _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def _patch(obj, name: str, value, reason: str) -> None:
     """Replace ``obj.name`` with ``value`` and log the one-line ``reason``."""
     setattr(obj, name, value)
@@ -90,6 +116,12 @@ def _patch_torch_cuda() -> None:
     _patch(torch.cuda, "synchronize", lambda device=None: None,
            "timers and the pipeline schedule synchronise the GPU; CPU ops are synchronous")
     _patch(torch.cuda, "Event", _CpuEvent, "timers record CUDA events")
+    _patch(torch.cuda, "Stream", _CpuStream,
+           "the MoE all-to-all dispatcher makes a side stream for its device-to-host copies of split sizes")
+    _patch(torch.cuda, "current_stream", lambda device=None: _CPU_STREAM,
+           "the MoE dispatcher compares and synchronises its side stream with the current stream")
+    _patch(torch.cuda, "stream", lambda stream=None: contextlib.nullcontext(),
+           "the MoE dispatcher runs its split-size copies under `with torch.cuda.stream(side)`")
     _patch(torch.cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state(),
            "the model-parallel RNG tracker saves CUDA RNG state; the CPU generator plays its role")
     _patch(torch.cuda, "set_rng_state", lambda new_state, device="cuda": torch.set_rng_state(new_state),
@@ -107,6 +139,22 @@ def _patch_megatron_rng() -> None:
     _patch(mpu_random, "_set_cuda_rng_state",
            lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state),
            "Megatron's own CUDA RNG setter writes through torch._C CUDA calls")
+
+
+def _move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """CPU meaning of Megatron's ``maybe_move_tensor_to_cpu``: the tensor is already on the host, but
+    ``as_numpy`` must still give a NumPy array (the original converts only CUDA tensors)."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_megatron_moe() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    _patch(token_dispatcher, "maybe_move_tensor_to_cpu", _move_to_host,
+           "the all-to-all dispatcher's split sizes reach gloo's all_to_all_single as tensors, which it "
+           "refuses; on CUDA they are NumPy arrays after the device-to-host copy")
 
 
 def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -171,6 +219,7 @@ def apply_cpu_shim() -> bool:
     _patch_megatron_rng()
     _patch_megatron_optimizer()
     _patch_megatron_mixed_precision()
+    _patch_megatron_moe()
     # ~30 places in Megatron hard-code device="cuda"; one process-wide mode maps them to the CPU
     # (measured overhead ~2%).
     _DEVICE_MODE = _CudaToCpuMode()

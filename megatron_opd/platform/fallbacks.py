@@ -49,3 +49,15 @@ def quiet_megatron_fallbacks(on_cuda: bool | None = None) -> None:
         on_cuda = torch.cuda.is_available()
     for message in FALLBACK_MESSAGES + (() if on_cuda else CUDA_ONLY_ADVICE):
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"megatron\.")
+
+
+def patch_moe_without_te() -> bool:
+    """Megatron-Core 0.16.1's MoE router tests ``te_general_gemm is not None`` but defines that name only
+    when Transformer Engine imports, so without TE the router's forward raises NameError. Define it as
+    None (the router then takes its plain torch.mm path). Returns True when the name was missing."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if hasattr(moe_utils, "te_general_gemm"):
+        return False
+    moe_utils.te_general_gemm = None
+    return True

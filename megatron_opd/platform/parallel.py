@@ -35,6 +35,10 @@ class ParallelConfig:
     """CP: ranks that split each sequence (needs Transformer Engine attention, i.e. a GPU)."""
     sequence_parallel: bool = False
     """Split activations outside attention/MLP along the sequence over the TP ranks (needs TP > 1)."""
+    expert_model_parallel_size: int = 1
+    """EP: ranks that split the experts of each MoE layer (MoE students only)."""
+    expert_tensor_parallel_size: int | None = None
+    """ETP: ranks that split each expert's weights; None = the TP size (Megatron's default)."""
     seed: int = 1234
     """Base seed for Python, NumPy, torch and Megatron's model-parallel RNG tracker."""
     backend: str = "auto"
@@ -45,7 +49,8 @@ class ParallelConfig:
     barrier; a collective that waits longer than this aborts the job instead of hanging forever."""
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "expert_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ParallelConfig.{name} must be >= 1, got {getattr(self, name)}")
         vpp = self.virtual_pipeline_model_parallel_size
@@ -58,6 +63,9 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size < 2:
             raise ValueError("ParallelConfig.sequence_parallel=True needs tensor_model_parallel_size >= 2, "
                              f"got {self.tensor_model_parallel_size}")
+        if self.expert_tensor_parallel_size is not None and self.expert_tensor_parallel_size < 1:
+            raise ValueError("ParallelConfig.expert_tensor_parallel_size must be None or >= 1, "
+                             f"got {self.expert_tensor_parallel_size}")
         if self.distributed_timeout_minutes < 1:
             raise ValueError("ParallelConfig.distributed_timeout_minutes must be >= 1, "
                              f"got {self.distributed_timeout_minutes}")
@@ -68,6 +76,11 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         """Ranks holding one model replica: TP × CP × PP."""
         return self.tensor_model_parallel_size * self.context_parallel_size * self.pipeline_model_parallel_size
+
+    @property
+    def resolved_expert_tensor_parallel_size(self) -> int:
+        """ETP, with None resolved to the TP size."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     @property
     def num_model_chunks(self) -> int:
@@ -151,6 +164,13 @@ def _check_world_size(cfg: ParallelConfig, world_size: int) -> None:
             f"world size {world_size} is not divisible by tensor_model_parallel_size "
             f"({cfg.tensor_model_parallel_size}) x context_parallel_size ({cfg.context_parallel_size}) x "
             f"pipeline_model_parallel_size ({cfg.pipeline_model_parallel_size}) = {cfg.model_parallel_size}")
+    expert_ranks = cfg.expert_model_parallel_size * cfg.resolved_expert_tensor_parallel_size
+    if world_size % (expert_ranks * cfg.pipeline_model_parallel_size):
+        raise ValueError(
+            f"world size {world_size} is not divisible by expert_model_parallel_size "
+            f"({cfg.expert_model_parallel_size}) x expert_tensor_parallel_size "
+            f"({cfg.resolved_expert_tensor_parallel_size}) x pipeline_model_parallel_size "
+            f"({cfg.pipeline_model_parallel_size})")
     if cfg.context_parallel_size > 1 and not torch.cuda.is_available():
         raise ValueError(f"context_parallel_size={cfg.context_parallel_size} needs Transformer Engine "
                          "attention on CUDA; without a GPU set context_parallel_size=1")
@@ -213,6 +233,8 @@ def initialize_distributed(cfg: ParallelConfig) -> ParallelState:
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.resolved_expert_tensor_parallel_size,
         distributed_timeout_minutes=cfg.distributed_timeout_minutes,
     )
     _set_seeds(cfg)

@@ -31,6 +31,16 @@ def _expected_names(model: torch.nn.Module) -> tuple[set[str], set[str]]:
     return names - optional, optional
 
 
+def _match_expert_layout(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoints (and the trainer's gather) hold one tensor per MoE expert; transformers 5 holds each
+    layer's experts fused (``mlp.experts.gate_up_proj``): fuse when the model wants that layout."""
+    from megatron_opd.models.weight_mapping import fuse_experts
+
+    if any(name.endswith("mlp.experts.gate_up_proj") for name in model.state_dict()):
+        return fuse_experts(state)
+    return state
+
+
 @torch.no_grad()
 def load_hf_state_dict(model: torch.nn.Module, source: dict[str, torch.Tensor] | str | Path,
                        where: str = "weight sync") -> int:
@@ -40,6 +50,7 @@ def load_hf_state_dict(model: torch.nn.Module, source: dict[str, torch.Tensor] |
     differs, so a half-applied sync cannot pass silently (all checks run before any copy).
     """
     state = read_safetensors_dir(source) if isinstance(source, (str, Path)) else source
+    state = _match_expert_layout(model, state)
     required, optional = _expected_names(model)
     given = {n for n in state if not n.endswith(_IGNORED_SUFFIXES)}
     missing, unexpected = sorted(required - given), sorted(given - required - optional)

@@ -60,7 +60,7 @@ def attach_behaviour_logprobs(source: str, run, exp, plan, state, cfg, trainer_v
     gap metrics when the trainer recomputed."""
     def recompute():
         return recompute_logprobs(run.student, exp, plan, state, cfg.optim.micro_batch_size,
-                                  cfg.optim.max_tokens_per_micro_batch)
+                                  max_tokens=cfg.optim.max_tokens_per_micro_batch, loss=run.loss)
 
     if source == "engine":
         exp.old_logprobs = exp.engine_logprobs

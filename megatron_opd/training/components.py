@@ -119,7 +119,9 @@ def build_components(cfg: OPDConfig, state: ParallelState) -> Components:
                             **_initial_weights(cfg))
     settings = LossSettings(objective=cfg.objective.objective, gate=cfg.gate, topk=cfg.objective.topk,
                             lsm_tail=cfg.objective.lsm_tail, ppo_clip=cfg.objective.ppo_clip,
-                            vocab_size=student.vocab_size, span_delimiter_ids=_span_delimiters(cfg, tokenizer))
+                            vocab_size=student.vocab_size, span_delimiter_ids=_span_delimiters(cfg, tokenizer),
+                            chunked_head=cfg.model.chunked_head, head_chunk_tokens=cfg.model.head_chunk_tokens,
+                            sequence_parallel=cfg.parallel.sequence_parallel)
     loss_holder.append(MicrobatchLoss(settings, state.tp_group, state.dp_cp_group))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if is_sft:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_opd.gating import DriftGateConfig
+from megatron_opd.models.megatron_config import ROUTER_DTYPES, TOKEN_DISPATCHERS, MoEOptions
 from megatron_opd.platform import ParallelConfig
 
 OBJECTIVES = ("sampled", "lsm", "sft")
@@ -44,6 +45,31 @@ class ModelConfig:
     """HF directory of the teacher, for the in-process teacher engine."""
     bf16: bool = False
     """Train in bf16 (fp32 otherwise; CPU runs use fp32)."""
+    chunked_head: bool = True
+    """Compute the output layer inside the loss, a chunk of tokens at a time, never materialising the
+    [tokens, V/tp] logits (--no-chunked-head: the model returns the logits, the previous path)."""
+    head_chunk_tokens: int | None = None
+    """Tokens per chunk of the chunked head (default: 2**26 logits' worth, e.g. 441 at V = 151,936, TP 1)."""
+
+    moe_aux_loss_coeff: float = 0.0
+    """MoE students: load-balancing aux loss coefficient (0: none, as RL/OPD anchors run)."""
+    moe_router_dtype: str = "fp32"
+    """MoE students: router precision, fp32 or fp64."""
+    moe_token_dispatcher_type: str = "alltoall"
+    """MoE students: alltoall or allgather token dispatcher."""
+
+    def __post_init__(self):
+        _require(self.head_chunk_tokens is None or self.head_chunk_tokens > 0,
+                 f"--head-chunk-tokens must be > 0, got {self.head_chunk_tokens}")
+        _require(self.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff must be >= 0")
+        _require(self.moe_router_dtype in ROUTER_DTYPES, f"--moe-router-dtype must be one of {ROUTER_DTYPES}")
+        _require(self.moe_token_dispatcher_type in TOKEN_DISPATCHERS,
+                 f"--moe-token-dispatcher-type must be one of {TOKEN_DISPATCHERS}")
+
+    def moe_options(self) -> MoEOptions:
+        """The MoE settings as ``models.build_qwen3_model`` takes them (ignored for a dense student)."""
+        return MoEOptions(aux_loss_coeff=self.moe_aux_loss_coeff, router_dtype=self.moe_router_dtype,
+                          token_dispatcher_type=self.moe_token_dispatcher_type)
 
 
 @dataclass(kw_only=True)

@@ -13,6 +13,11 @@ so they normalise over the micro-batch across the data-parallel ranks (documente
 ``none`` uses the raw gates: for those the step rescale is 1 (ĝ is already the weight), so ``none``
 differs from ``mean`` and ``clipped`` weights stay in their clip range.
 
+Head: by default (``chunked_head``) the last stage returns its final hidden states and this module
+computes the output layer and every per-token quantity in token chunks
+(``ops.vocab_parallel_head_stats``), so the [b, S, V/tp] logits never exist; with ``--no-chunked-head``
+the model returns the logits and the logits ops run on them (the previous path, kept for comparison).
+
 Devices: the micro-batch arrives on the model's device (``training/step.py``) and every tensor
 built here is created on the logits' device.
 """
@@ -41,6 +46,13 @@ class LossSettings:
     """Real (unpadded) vocabulary size."""
     span_delimiter_ids: frozenset[int] = frozenset()
     """Token ids that end a span (--gate span): by default every token whose text holds a newline."""
+    chunked_head: bool = True
+    """The model returns hidden states and the loss runs the output layer in token chunks (--no-chunked-head:
+    the model returns logits)."""
+    head_chunk_tokens: int | None = None
+    """Tokens per chunk of the chunked head (None: ops.chunked_head's default)."""
+    sequence_parallel: bool = False
+    """The hidden states arrive sequence-sharded over TP (the chunked head gathers them)."""
 
 
 @dataclass
@@ -88,33 +100,90 @@ def response_view(full: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class StudentView:
-    """What the losses need from the student's logits, response-aligned: all [b, T] except
-    ``at_support`` [b, T, K+1] (logits at the teacher's top-K ids, then at the sampled id)."""
+    """What the losses need from the student's head, response-aligned: all [b, T] except
+    ``at_support`` [b, T, K+1] (logits at the teacher's top-K ids, then at the sampled id);
+    ``topk_overlap`` (detached) only when asked for."""
 
     logprobs: torch.Tensor
     entropy: torch.Tensor
     log_normalizer: torch.Tensor
     at_support: torch.Tensor | None = None
+    topk_overlap: torch.Tensor | None = None
 
 
-def student_view(logits: torch.Tensor, mb: Experience, tp_group, vocab_size: int, with_support: bool) -> StudentView:
-    """One pass over the (vocab-sharded) logits [b, S, V/tp]: log π(y_t), entropy, log Z and, for
-    LSM, the logits at the teacher's support. A single autograd node, so a single logits-sized
-    gradient buffer."""
+@dataclass(frozen=True)
+class HiddenHead:
+    """The chunked head's inputs besides the hidden states: the output layer's weight shard [V_pad/tp, H]."""
+
+    weight: torch.Tensor
+    sequence_parallel: bool = False
+    chunk_tokens: int | None = None
+
+
+def _labels_and_support(mb: Experience, with_support: bool, device):
+    """Per sequence position: the next token [b, S] and, for LSM, the support ids [b, S, K+1] (zeros off the
+    response), plus the response positions [b, T]."""
     labels = torch.roll(mb.input_ids, shifts=-1, dims=1)  # position p predicts token p + 1
     labels[:, -1] = 0  # the last position predicts nothing; 0 is always a valid id
     positions = mb.response_positions()
     support_full = None
     if with_support:
         support = torch.cat([mb.teacher_topk_ids, mb.response_ids.unsqueeze(-1)], dim=-1)  # (b, T, K+1)
-        support_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long,
-                                   device=logits.device)  # (b, S, K+1)
-        support_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)
-    stats = ops.vocab_parallel_stats(logits, labels, gather_ids=support_full, group=tp_group, vocab_size=vocab_size)
+        support_full = torch.zeros(*mb.input_ids.shape, support.shape[-1], dtype=torch.long, device=device)
+        support_full.scatter_(1, positions.unsqueeze(-1).expand_as(support), support)  # (b, S, K+1)
+    return labels, support_full, positions
+
+
+def student_view(output: torch.Tensor, mb: Experience, tp_group, vocab_size: int, with_support: bool,
+                 head: HiddenHead | None = None, with_overlap: bool = False) -> StudentView:
+    """log π(y_t), entropy, log Z and, for LSM, the logits at the teacher's support (and the student /
+    teacher top-K overlap), in one autograd node.
+
+    output: the (vocab-sharded) logits [b, S, V/tp] when ``head`` is None; else the final hidden states
+    [b, S, H] ([b, S/tp, H] with sequence parallelism) and ``head`` the output layer: the chunked head
+    then never materialises the logits, and computes only the response tokens (other slots hold 0)."""
+    labels, support_full, positions = _labels_and_support(mb, with_support, output.device)
+    if head is not None:
+        return _chunked_head_stats(output, head, labels, support_full, mb, tp_group, vocab_size, with_overlap)
+    stats = ops.vocab_parallel_stats(output, labels, gather_ids=support_full, group=tp_group, vocab_size=vocab_size)
+    overlap = topk_overlap_metric(output, mb, tp_group, vocab_size) if with_overlap else None
     return StudentView(logprobs=response_view(stats.logprobs, positions),
                        entropy=response_view(stats.entropy, positions),
                        log_normalizer=response_view(stats.log_normalizer, positions),
-                       at_support=None if support_full is None else response_view(stats.gathered_logits, positions))
+                       at_support=None if support_full is None else response_view(stats.gathered_logits, positions),
+                       topk_overlap=overlap)
+
+
+def _chunked_head_stats(hidden, head: HiddenHead, labels, support_full, mb, tp_group, vocab_size, with_overlap):
+    """The chunked head on Megatron's [S, b, H] layout (SP shards dim 0), computed only at the response
+    tokens each sequence really has (not the prompt, not the right padding); stats as [b, T, ...] with
+    zeros at the other response slots (the loss mask is False there)."""
+    batch, num_steps = mb.response_ids.shape
+    seq_len, tp = mb.input_ids.shape[1], dist.get_world_size(tp_group) if tp_group is not None else 1
+    seq_rows = hidden.shape[1] * (tp if head.sequence_parallel else 1)  # hidden: [b, S(/tp), H]
+    if seq_rows != seq_len:  # a model/loss disagreement would otherwise surface as an index error deep down
+        raise ValueError(f"the model returned hidden states for {hidden.shape[1]} positions of a {seq_len}-token "
+                         f"micro-batch with LossSettings.sequence_parallel={head.sequence_parallel} at TP={tp}: "
+                         "set sequence_parallel as the model runs it")
+    valid = torch.arange(num_steps, device=hidden.device)[None, :] < mb.response_lens[:, None]  # (b, T)
+    seq, step = valid.nonzero(as_tuple=True)  # host-device sync: the number of response tokens
+    positions = mb.response_positions()[seq, step]  # the position whose logits predict each token
+    rows = positions * batch + seq  # rows of the flattened [S, b] tokens
+    support = None if support_full is None else support_full[seq, positions]  # (R, K+1)
+    overlap_ids = mb.teacher_topk_ids[seq, step] if with_overlap else None  # (R, K)
+    stats = ops.vocab_parallel_head_stats(
+        hidden.transpose(0, 1), head.weight, labels[seq, positions], support, tp_group, overlap_ids=overlap_ids,
+        vocab_size=vocab_size, sequence_parallel=head.sequence_parallel, token_rows=rows, chunk_size=head.chunk_tokens)
+
+    def slots(values):  # (R, ...) -> (b, T, ...), differentiable
+        if values is None:
+            return None
+        empty = values.new_zeros(batch, num_steps, *values.shape[1:])
+        return empty.index_put((seq, step), values)
+
+    return StudentView(logprobs=slots(stats.logprobs), entropy=slots(stats.entropy),
+                       log_normalizer=slots(stats.log_normalizer), at_support=slots(stats.gathered_logits),
+                       topk_overlap=slots(stats.topk_overlap))
 
 
 def position_loss(settings: LossSettings, view: StudentView, mb: Experience):
@@ -157,14 +226,22 @@ class MicrobatchLoss:
         self.gate_config = dataclasses.replace(settings.gate, normalization="none") if exact_mean else settings.gate
         self.local_gate_norm_group = None if exact_mean else dp_cp_group
 
-    def __call__(self, mb: Experience, output_tensor: torch.Tensor):
-        logits = output_tensor  # (b, S, V/tp)
+    def head(self, weight: torch.Tensor | None) -> HiddenHead | None:
+        """The chunked head for the output ``weight`` of a last-stage chunk (None: the model gave logits)."""
+        if weight is None:
+            return None
+        return HiddenHead(weight, self.settings.sequence_parallel, self.settings.head_chunk_tokens)
+
+    def __call__(self, mb: Experience, output_tensor: torch.Tensor, head_weight: torch.Tensor | None = None):
+        """output_tensor: logits [b, S, V/tp], or hidden states [b, S(/tp), H] when ``head_weight`` (the
+        output layer's weight shard) is given."""
         is_lsm = self.settings.objective == "lsm"
-        view = student_view(logits, mb, self.tp_group, self.settings.vocab_size, with_support=is_lsm)
+        view = student_view(output_tensor, mb, self.tp_group, self.settings.vocab_size, with_support=is_lsm,
+                            head=self.head(head_weight), with_overlap=is_lsm)
         cur, entropy, mask = view.logprobs, view.entropy, mb.loss_mask
         per_pos, metrics = position_loss(self.settings, view, mb)
         if is_lsm:
-            metrics["topk_overlap"] = topk_overlap_metric(logits, mb, self.tp_group, self.settings.vocab_size)
+            metrics["topk_overlap"] = view.topk_overlap
         if mb.old_logprobs is not None and self.settings.gate.granularity != "none":
             span_ends = (newline_span_ends(mb.response_ids, delimiter_ids=self.settings.span_delimiter_ids)
                          if self.settings.gate.granularity == "span" else None)

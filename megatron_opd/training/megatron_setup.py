@@ -11,6 +11,7 @@ import torch
 from megatron_opd.models import build_qwen3_model, load_hf_config
 from megatron_opd.platform import ParallelState
 from megatron_opd.training.config import OPDConfig
+from megatron_opd.training.router_load import build_router_load_tracker
 
 
 @dataclass
@@ -20,6 +21,10 @@ class Student:
     scheduler: object
     hf_config: object
     vocab_size: int  # real vocabulary (the model pads it to a TP multiple)
+    router_load: object = None  # RouterLoadTracker of a MoE student (None: dense)
+    uniform_dp_shapes: bool = False
+    """Every data-parallel rank must feed micro-batches of the same shape: Megatron's all-gather MoE
+    dispatcher all-gathers tokens over the expert ranks and assumes equal counts."""
 
     def unwrapped(self) -> list:
         return [chunk.module for chunk in self.model]
@@ -39,7 +44,7 @@ def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
 
     hf_config = load_hf_config(cfg.model.student_hf)
     dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
-    chunks = build_qwen3_model(hf_config, cfg.parallel, dtype=dtype)
+    chunks = build_qwen3_model(hf_config, cfg.parallel, dtype=dtype, moe=cfg.model.moe_options())
     _load_initial_weights(chunks, hf_config, hf_weights, megatron_checkpoint)
     config = chunks[0].config
     # Losses are summed per token; Megatron divides the gradients by the global valid-token count.
@@ -54,7 +59,8 @@ def build_student(cfg: OPDConfig, state: ParallelState, hf_weights: dict | None,
     optimizer = _build_optimizer(cfg, model)
     scheduler = _build_scheduler(cfg, optimizer)
     return Student(model=model, optimizer=optimizer, scheduler=scheduler, hf_config=hf_config,
-                   vocab_size=hf_config.vocab_size)
+                   vocab_size=hf_config.vocab_size, router_load=build_router_load_tracker(chunks),
+                   uniform_dp_shapes=bool(config.num_moe_experts) and config.moe_token_dispatcher_type == "allgather")
 
 
 def _load_initial_weights(chunks: list, hf_config, hf_weights: dict | None, megatron_checkpoint: str | None) -> None:

@@ -28,7 +28,8 @@ def derive_step_metrics(sums: dict[str, float], gate_scale: float) -> dict[str, 
     for key, value in sums.items():
         if key.endswith("_sum") and key not in ("loss_sum", "entropy_sum", "gate_sq_sum", "gate_below_half_sum"):
             out[key[: -len("_sum")] if not key.startswith("abs_drift") else "abs_drift_mean"] = value / tokens
-        elif key.endswith("_max") or key.endswith("_min") or key in ("grad_norm", "lr", "skipped", "padding_fraction"):
+        elif key.endswith(("_max", "_min")) or key.startswith("moe_") or key in ("grad_norm", "lr", "skipped",
+                                                                                "padding_fraction"):
             out[key] = value
     if "gate_sq_sum" in sums:
         # Normalised gates ĝ = g · scale (scale = Σm / Σmg): mean 1 by construction.

@@ -13,6 +13,7 @@ PANELS = {
     "drift": ("abs_drift_mean", "abs_drift_max"),
     "teacher agreement": ("reverse_kl", "sampled_outside_topk", "student_topk_mass", "topk_overlap"),
     "policy": ("entropy", "clip_fraction", "response_length", "truncation_rate"),
+    "MoE router load": ("moe_load_max_over_mean", "moe_load_min_over_mean", "moe_load_cv", "moe_aux_loss"),
     "evaluation": ("eval_pass@1", "eval_pass@8"),
 }
 

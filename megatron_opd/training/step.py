@@ -42,6 +42,12 @@ def rank_rows(num_rows: int, state: ParallelState) -> torch.Tensor:
     return torch.arange(state.dp_rank * per_rank, (state.dp_rank + 1) * per_rank)
 
 
+def local_rows(exp: Experience, rows: torch.Tensor, uniform_shapes: bool) -> Experience:
+    """This rank's ``rows`` of ``exp``: trimmed to their own longest sequence, or kept at ``exp``'s length
+    when every data-parallel rank must feed the same shape (``Student.uniform_dp_shapes``)."""
+    return exp.rows(rows) if uniform_shapes else exp.select(rows)
+
+
 def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experience]:
     """Row blocks of ``exp`` keeping its (already trimmed) sequence length for every block."""
     num = exp.num_sequences
@@ -51,28 +57,39 @@ def split_microbatches(exp: Experience, micro_batch_size: int) -> list[Experienc
     return [exp.rows(torch.arange(start, start + micro_batch_size)) for start in range(0, num, micro_batch_size)]
 
 
-def _forward_step(loss_func, device, data_iterator, model):
+def _forward_step(loss_func, device, data_iterator, model, chunked_head: bool = False):
     # The whole micro-batch goes to the model's device once: the loss reads labels, masks,
     # positions, old/teacher log-probs and the teacher's top-K next to the logits.
     mb = next(data_iterator).to(device)
     ids = mb.input_ids
     seq_len = ids.shape[1]
     positions = torch.arange(seq_len, device=device).expand_as(ids)
-    output = model(ids, positions, causal_mask(seq_len, device))
-    return output, partial(loss_func, mb)
+    if not chunked_head:
+        return model(ids, positions, causal_mask(seq_len, device)), partial(loss_func, mb)
+    from megatron_opd.models.hidden_head import emit_hidden_states
+
+    # The last stage returns hidden states; the loss runs the output layer in token chunks.
+    with emit_hidden_states(model) as head_weight:
+        output = model(ids, positions, causal_mask(seq_len, device))
+    return output, partial(loss_func, mb, head_weight=head_weight)
 
 
 def local_microbatches(minibatch: Experience, state: ParallelState, micro_batch_size: int,
-                       max_tokens: int | None, microbatch_multiple: int = 1):
+                       max_tokens: int | None, microbatch_multiple: int = 1, uniform_shapes: bool = False):
     """This data-parallel rank's micro-batches, their row indices into ``minibatch``, and the padding
-    fraction of the whole minibatch's layout (every rank computes the same plan from the lengths)."""
+    fraction of the whole minibatch's layout (every rank computes the same plan from the lengths).
+    ``uniform_shapes``: every data-parallel rank feeds the minibatch's shape (``Student.uniform_dp_shapes``)."""
     lengths = (minibatch.prompt_lens + minibatch.response_lens).tolist()
     if not max_tokens:  # today's layout, unchanged
         rows = rank_rows(minibatch.num_sequences, state)
-        microbatches = split_microbatches(minibatch.select(rows), micro_batch_size)
+        microbatches = split_microbatches(local_rows(minibatch, rows, uniform_shapes), micro_batch_size)
         padding = fixed_microbatch_plan(lengths, state.dp_size, micro_batch_size,
                                         minibatch.pad_to_multiple).padding_fraction
         return microbatches, list(rows.split(micro_batch_size)), padding
+    if uniform_shapes:
+        raise ValueError("--max-tokens-per-micro-batch gives every data-parallel rank micro-batches of its own shape, "
+                         "but the MoE all-gather dispatcher needs one shape on every rank: use "
+                         "--moe-token-dispatcher-type alltoall or drop --max-tokens-per-micro-batch")
     plan = pack_microbatches(lengths, state.dp_size, max_tokens, pad_to_multiple=minibatch.pad_to_multiple,
                              microbatch_multiple=microbatch_multiple)
     rows = [torch.tensor(mb.rows) for mb in plan.ranks[state.dp_rank]]
@@ -84,7 +101,8 @@ def _microbatch_multiple(model: list, state: ParallelState) -> int:
     return state.pp_size if len(model) > 1 else 1
 
 
-def _run_schedule(model: list, microbatches: list[Experience], loss_func, device, forward_only: bool):
+def _run_schedule(model: list, microbatches: list[Experience], loss_func, device, forward_only: bool,
+                  chunked_head: bool = False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
@@ -96,7 +114,7 @@ def _run_schedule(model: list, microbatches: list[Experience], loss_func, device
     rows, seq_len = microbatches[0].input_ids.shape  # the shape P2P uses when it does not vary
     iterators = [iter(microbatches) for _ in model]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, loss_func, device),
+        forward_step_func=partial(_forward_step, loss_func, device, chunked_head=chunked_head),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model, num_microbatches=len(microbatches),
         seq_length=seq_len, micro_batch_size=rows,
@@ -144,18 +162,23 @@ def reduce_reports(local: dict[str, float], state: ParallelState, keys: list[str
 
 
 def forward_backward(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
-                     micro_batch_size: int, max_tokens: int | None = None) -> tuple[list[dict], float]:
+                     micro_batch_size: int, max_tokens: int | None = None) -> tuple[list[dict], float, int]:
     """Zero the gradients and run forward/backward over this rank's micro-batches; the gradients are
     then finalised (DP all-reduce, per-token scaling, gate rescale). Returns the micro-batch reports
-    (last pipeline stage) and the minibatch's padding fraction."""
+    (last pipeline stage), the minibatch's padding fraction and this rank's number of micro-batches."""
     microbatches, _, padding = local_microbatches(minibatch, state, micro_batch_size, max_tokens,
-                                                  _microbatch_multiple(student.model, state))
+                                                  _microbatch_multiple(student.model, state),
+                                                  getattr(student, "uniform_dp_shapes", False))
     for chunk in student.model:
         chunk.zero_grad_buffer()
     student.optimizer.zero_grad()
     loss.normalizer.reset()
-    reports = _run_schedule(student.model, microbatches, loss, state.device, forward_only=False)
-    return reports, padding
+    router_load = getattr(student, "router_load", None)  # MoE students: tokens per expert, aux loss
+    if router_load is not None:
+        router_load.reset()
+    reports = _run_schedule(student.model, microbatches, loss, state.device, forward_only=False,
+                            chunked_head=loss.settings.chunked_head)
+    return reports, padding, len(microbatches)
 
 
 def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: ParallelState,
@@ -165,9 +188,13 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
     ``max_tokens``: token budget per micro-batch (None/0: fixed micro-batches of ``micro_batch_size``).
     A non-finite loss skips the optimizer step (``skipped`` = 1 in the result).
     """
-    reports, padding = forward_backward(student, loss, minibatch, state, micro_batch_size, max_tokens)
+    reports, padding, num_microbatches = forward_backward(student, loss, minibatch, state, micro_batch_size,
+                                                          max_tokens)
     result = reduce_reports(_sum_reports(reports), state, report_keys)
     result["padding_fraction"] = padding
+    router_load = getattr(student, "router_load", None)
+    if router_load is not None:
+        result.update(router_load.reduce(state, num_microbatches))  # collective over all ranks
     if not math.isfinite(result.get("loss_sum", 0.0)):
         result["skipped"] = 1.0
         return result
@@ -180,21 +207,28 @@ def train_step(student, loss: MicrobatchLoss, minibatch: Experience, state: Para
 
 
 def recompute_logprobs(student, exp: Experience, minibatches: list[torch.Tensor], state: ParallelState,
-                       micro_batch_size: int, max_tokens: int | None = None) -> torch.Tensor:
+                       micro_batch_size: int, *, max_tokens: int | None = None,
+                       loss: MicrobatchLoss | None = None) -> torch.Tensor:
     """log π_θ(y_t) for every sequence of ``exp`` [N, T], computed with the same minibatch and
     micro-batch layout as the first epoch's training steps, so the first update of a rollout sees
-    exactly zero drift."""
+    exactly zero drift. ``loss``: the training loss, whose head settings (chunked or logits) are used
+    so the recompute runs the same arithmetic as the training steps (logits head when None)."""
     out = torch.zeros(exp.response_ids.shape, dtype=torch.float32)
+    chunked = loss is not None and loss.settings.chunked_head
 
-    def logprob_only(mb, output_tensor):
-        cur = student_view(output_tensor, mb, state.tp_group, student.vocab_size, with_support=False).logprobs
+    def logprob_only(mb, output_tensor, head_weight=None):
+        head = loss.head(head_weight) if chunked else None
+        cur = student_view(output_tensor, mb, state.tp_group, student.vocab_size, with_support=False,
+                           head=head).logprobs
         return output_tensor.new_zeros(()), mb.loss_mask.sum().to(torch.int), {"logprobs": cur.detach().float()}
 
     with torch.no_grad():
         for indices in minibatches:
             microbatches, row_blocks, _ = local_microbatches(exp.select(indices), state, micro_batch_size,
-                                                             max_tokens, _microbatch_multiple(student.model, state))
-            reports = _run_schedule(student.model, microbatches, logprob_only, state.device, forward_only=True)
+                                                             max_tokens, _microbatch_multiple(student.model, state),
+                                                             getattr(student, "uniform_dp_shapes", False))
+            reports = _run_schedule(student.model, microbatches, logprob_only, state.device, forward_only=True,
+                                    chunked_head=chunked)
             for rows, report in zip(row_blocks, reports):  # reports: last pipeline stage only, in order
                 logprobs = report["logprobs"].cpu()
                 out[indices[rows], : logprobs.shape[1]] = logprobs

@@ -77,19 +77,20 @@ def _check_layout(layout, student_dir):
     holder = []
     student = build_student(cfg, state, hf_weights=read_hf_checkpoint(student_dir),
                             finalize_hook=lambda model: _rescale_grads(model, holder[0], state))
-    loss = MicrobatchLoss(LossSettings(objective="sampled", gate=gate, vocab_size=student.vocab_size),
+    loss = MicrobatchLoss(LossSettings(objective="sampled", gate=gate, vocab_size=student.vocab_size,
+                                       sequence_parallel=bool(layout.get("sequence_parallel"))),
                           state.tp_group, state.dp_cp_group)
     holder.append(loss)
     exp = _experience(student.vocab_size, state.tp_size if layout.get("sequence_parallel") else 1)
     everything = [torch.arange(NUM_SEQS)]
-    fixed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH)
-    packed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, max_tokens=BUDGET)
+    fixed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, loss=loss)
+    packed_logprobs = recompute_logprobs(student, exp, everything, state, MICRO_BATCH, max_tokens=BUDGET, loss=loss)
     result = {"layout": layout, "rank": state.rank,
               "logprob_diff": (fixed_logprobs - packed_logprobs)[exp.loss_mask].abs().max().item()}
 
     # Zero drift on the recompute's own layout: the first training step's log-probs are bit-identical.
     exp.old_logprobs = packed_logprobs
-    reports, _ = forward_backward(student, loss, exp, state, MICRO_BATCH, max_tokens=BUDGET)
+    reports, _, _ = forward_backward(student, loss, exp, state, MICRO_BATCH, max_tokens=BUDGET)
     result["zero_drift_max"] = max((r["abs_drift_max"].item() for r in reports), default=None)
 
     # Drift gates that vary: the gate normalisation is not trivial.
@@ -100,7 +101,7 @@ def _check_layout(layout, student_dir):
         chunk.zero_grad_buffer()
     loss.normalizer.reset()
     _run_schedule(student.model, split_microbatches(exp.select(rank_rows(NUM_SEQS, state)), MICRO_BATCH), loss,
-                  state.device, forward_only=False)
+                  state.device, forward_only=False, chunked_head=loss.settings.chunked_head)
     today, today_scale = _grads(student), loss.step_gate_scale
 
     forward_backward(student, loss, exp, state, MICRO_BATCH, max_tokens=0)
@@ -112,7 +113,8 @@ def _check_layout(layout, student_dir):
         for chunk in student.model:
             chunk.zero_grad_buffer()
         loss.normalizer.reset()
-        _run_schedule(student.model, [exp.select(r) for r in rows], loss, state.device, forward_only=False)
+        _run_schedule(student.model, [exp.select(r) for r in rows], loss, state.device, forward_only=False,
+                      chunked_head=loss.settings.chunked_head)
         result["uneven_grad_diff"] = (fixed - _grads(student)).abs().max().item()
     multiple = state.pp_size if len(student.model) > 1 else 1
     microbatches, _, padding = local_microbatches(exp, state, MICRO_BATCH, BUDGET, multiple)

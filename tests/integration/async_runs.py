@@ -28,7 +28,8 @@ def reference(cfg, state, out: Path) -> dict:
         exp, _ = run.maker.make(batch_index)
         plans = [minibatch_plan(exp.num_sequences, obj.minibatches_per_rollout, e, batch_index, cfg.optim.seed)
                  for e in range(obj.epochs_per_rollout)]
-        exp.old_logprobs = recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size)
+        exp.old_logprobs = recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size,
+                                              max_tokens=cfg.optim.max_tokens_per_micro_batch, loss=run.loss)
         for plan in plans:
             for indices in plan:
                 sums = train_step(run.student, run.loss, exp.select(indices), state, cfg.optim.micro_batch_size,

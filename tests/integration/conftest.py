@@ -47,3 +47,36 @@ def demo_cache(tmp_path_factory):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def write_moe_model(out_dir: Path, seed: int, **moe) -> Path:
+    """An HF dir with the toy tokenizer and a tiny random Qwen3-MoE (decisive router, see models.tiny)."""
+    from megatron_opd.data.toy_task import build_toy_tokenizer
+    from megatron_opd.models.tiny import tiny_qwen3_moe_config, tiny_qwen3_moe_model
+
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tokenizer = build_toy_tokenizer()
+    config = tiny_qwen3_moe_config(
+        vocab_size=len(tokenizer), hidden_size=TINY.hidden, num_hidden_layers=TINY.layers,
+        num_attention_heads=TINY.heads, num_key_value_heads=TINY.kv_heads, head_dim=TINY.head_dim,
+        max_position_embeddings=TINY.max_positions, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=None, **moe)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    tiny_qwen3_moe_model(config, seed=seed).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def toy_moe_student(tmp_path_factory):
+    """HF dir of a tiny Qwen3-MoE student (8 experts, top-2, norm_topk_prob) with the toy tokenizer."""
+    return write_moe_model(tmp_path_factory.mktemp("toy_moe") / "student", seed=3)
+
+
+@pytest.fixture(scope="session")
+def toy_moe_teacher(tmp_path_factory):
+    """HF dir of another tiny Qwen3-MoE (16 experts, top-8) with the toy tokenizer."""
+    return write_moe_model(tmp_path_factory.mktemp("toy_moe_teacher") / "teacher", seed=4, num_experts=16,
+                           num_experts_per_tok=8)

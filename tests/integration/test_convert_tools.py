@@ -1,7 +1,8 @@
 """tools/convert_hf_to_megatron.py and tools/convert_megatron_to_hf.py end to end.
 
 HF (sharded safetensors + index) → Megatron dist-checkpoint → HF must be bit-exact tensor by tensor, for
-tied and untied tiny Qwen3 models; every bad input must fail with exit code 1, a message naming the
+tied and untied tiny Qwen3 models and two tiny Qwen3-MoE models (8 experts top-2; 16 experts top-8, tied);
+every bad input must fail with exit code 1, a message naming the
 file/tensor, and no output directory. Both tools run inside one child process per test (imports of
 Megatron cost ~10 s per process on a shared 2-core machine).
 """
@@ -36,17 +37,34 @@ def _make_hf_dir(path: Path, tie: bool, seed: int) -> None:
     (path / "tokenizer_config.json").write_text("{}")
 
 
+MOE_MODELS = {"moe_e8_top2": dict(num_experts=8, num_experts_per_tok=2),
+              "moe_e16_top8": dict(num_experts=16, num_experts_per_tok=8, tie_word_embeddings=True)}
+ROUND_TRIP_CASES = [False, True, *MOE_MODELS]
+
+
+def _make_moe_hf_dir(path: Path, name: str, seed: int) -> None:
+    from megatron_opd.models.tiny import tiny_qwen3_moe_config, tiny_qwen3_moe_model
+
+    tiny_qwen3_moe_model(tiny_qwen3_moe_config(**MOE_MODELS[name]), seed=seed).save_pretrained(
+        path, max_shard_size="200KB")
+    (path / "tokenizer.json").write_text('{"fake": "tokenizer"}')
+    (path / "tokenizer_config.json").write_text("{}")
+
+
 def drive_round_trip(tmp: str) -> dict:
-    """Child process: HF → Megatron → HF for untied and tied models."""
+    """Child process: HF → Megatron → HF for untied and tied dense models and two Qwen3-MoE models."""
     import convert_hf_to_megatron
     import convert_megatron_to_hf
 
     codes = {}
-    for tie in (False, True):
-        hf, mc, out = Path(tmp, f"hf{tie}"), Path(tmp, f"mc{tie}"), Path(tmp, f"out{tie}")
-        _make_hf_dir(hf, tie, seed=7)
-        codes[f"to_mcore{tie}"] = convert_hf_to_megatron.main(["--hf-dir", str(hf), "--save", str(mc)])
-        codes[f"to_hf{tie}"] = convert_megatron_to_hf.main(["--load", str(mc), "--save", str(out), "--hf-config",
+    for case in ROUND_TRIP_CASES:
+        hf, mc, out = Path(tmp, f"hf{case}"), Path(tmp, f"mc{case}"), Path(tmp, f"out{case}")
+        if case in MOE_MODELS:
+            _make_moe_hf_dir(hf, case, seed=7)
+        else:
+            _make_hf_dir(hf, case, seed=7)
+        codes[f"to_mcore{case}"] = convert_hf_to_megatron.main(["--hf-dir", str(hf), "--save", str(mc)])
+        codes[f"to_hf{case}"] = convert_megatron_to_hf.main(["--load", str(mc), "--save", str(out), "--hf-config",
                                                             str(hf), "--max-shard-size", "0.0002"])
     return codes
 
@@ -56,15 +74,15 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(tmp_path):
 
     codes = _run_driver("drive_round_trip", str(tmp_path))
     assert set(codes.values()) == {0}, codes
-    for tie in (False, True):
-        src, out = read_hf_checkpoint(tmp_path / f"hf{tie}"), read_hf_checkpoint(tmp_path / f"out{tie}")
+    for case in ROUND_TRIP_CASES:
+        src, out = read_hf_checkpoint(tmp_path / f"hf{case}"), read_hf_checkpoint(tmp_path / f"out{case}")
         assert len(src) > 1 and set(out) == set(src)
         for name, tensor in src.items():
             assert out[name].dtype == tensor.dtype and torch.equal(out[name], tensor), name
-        index = json.loads((tmp_path / f"out{tie}" / "model.safetensors.index.json").read_text())
+        index = json.loads((tmp_path / f"out{case}" / "model.safetensors.index.json").read_text())
         assert len(set(index["weight_map"].values())) > 1  # really sharded
         for side in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-            assert (tmp_path / f"out{tie}" / side).read_bytes() == (tmp_path / f"hf{tie}" / side).read_bytes()
+            assert (tmp_path / f"out{case}" / side).read_bytes() == (tmp_path / f"hf{case}" / side).read_bytes()
         assert not list(tmp_path.glob(".out*")) and not list(tmp_path.glob("*.tmp"))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
+import chunked_head_section  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -80,3 +81,29 @@ def test_cpu_tiny_run_passes_every_section(tmp_path):
     assert 0 < mfu["mfu"] <= 1 and mfu["measured_bf16_peak_tflops"] > 0
     assert abs(mfu["tokens_per_s"] - tokens / mfu["median_step_s"]) < 1e-6 * mfu["tokens_per_s"]
     assert abs(mfu["mfu"] - mfu["achieved_tflops"] / mfu["measured_bf16_peak_tflops"]) < 1e-9
+
+    head = sections["chunked_head"]
+    assert [row["tokens"] for row in head["rows"]] == list(chunked_head_section.TINY_HEAD.tokens)
+    for row in head["rows"]:
+        assert row["loss_rel_diff"] <= 1e-3 and row["old"]["seconds"] > 0 and row["new"]["seconds"] > 0
+    assert set(head["longest_tokens_tp1"]) == {"new", "old"}
+    assert head["longest_tokens_tp1"]["new"]["tokens"] >= chunked_head_section.TINY_HEAD.tokens[-1]
+    moe = sections["moe"]
+    assert moe["tiny_logit_max_err_vs_hf"] < 1e-4  # fp32 on the CPU
+    flops = gpu_check.moe_active_flops_per_step(moe["model"], moe["tokens_per_micro_batch"])
+    assert moe["total_flops"] == flops["total_flops"] and 0 < moe["mfu"] <= 1
+    assert moe["active_matmul_params"] < moe["total_matmul_params"]
+
+
+def test_moe_flops_count_the_active_parameters_of_qwen3_30b_a3b():
+    """Qwen3-30B-A3B at its 48 layers: Qwen reports 3.3e9 activated of 30.5e9 parameters, both counting the
+    input embedding (0.31e9), which is a lookup, not a matmul: ~3.04e9 active of ~30.2e9 matmul parameters."""
+    shape = dict(gpu_check.FULL.moe_model, num_hidden_layers=48)
+    flops = gpu_check.moe_active_flops_per_step(shape, 8192)
+    attention = 2 * 2048 * 32 * 128 + 2 * 2048 * 4 * 128
+    layer_active = attention + 2048 * 128 + 8 * 3 * 2048 * 768
+    assert flops["active_matmul_params"] == 48 * layer_active + 2048 * 151_936
+    embedding = 2048 * 151_936
+    assert abs(flops["active_matmul_params"] + embedding - 3.3e9) < 0.1e9
+    assert abs(flops["total_matmul_params"] + embedding - 30.5e9) < 0.1e9
+    assert flops["dense_flops"] == 6 * flops["active_matmul_params"] * 8192

@@ -21,7 +21,8 @@ ACCEPTANCE_ENV = {"DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "0", "GPUS_PER_NOD
 # variables a caller may have exported that would change the plan
 _LAUNCH_VARS = re.compile(r"^(TP|PP|VPP|CP|SP|NNODES|NODE_RANK|MASTER_ADDR|MASTER_PORT|GPUS_PER_NODE|TRAIN_GPUS|"
                           r"ROLLOUT_URLS|TEACHER_URLS|MODE|DRY_RUN|START_SERVERS|EXTRA_ARGS|TORCHRUN|PYTHON|"
-                          r"(STUDENT|TEACHER)_\w+|GATE\w*|RUN_DIR|SGLANG_\w+|ROUTER\w*|ADVERTISE_HOST|DISTRIBUTED_\w+)$")
+                          r"(STUDENT|TEACHER)_\w+|GATE\w*|RUN_DIR|SGLANG_\w+|ROUTER\w*|ADVERTISE_HOST|DISTRIBUTED_\w+|EP|ETP|"
+                          r"MOE_\w+|RECIPE|MODELS_DIR)$")
 
 
 def _env(**extra):
@@ -110,6 +111,22 @@ def test_bad_layout_is_refused_with_a_clear_error(extra, message):
     assert message in result.stderr
 
 
+def test_qwen3_30b_a3b_recipe_layout():
+    """slime's Qwen3-30B-A3B layout on 8 GPUs: TP4 + SP for attention, EP8 with unsplit experts (ETP1)."""
+    env = dict(ACCEPTANCE_ENV, NNODES="1", MASTER_ADDR="127.0.0.1", RECIPE="qwen3-30b-a3b",
+               ROLLOUT_URLS="http://srv0:30001", TEACHER_URLS="http://srv1:31000")
+    plan = _plan(**env)
+    words = _torchrun_words(plan)
+    assert _value(words, "--tensor-model-parallel-size") == "4" and "--sequence-parallel" in words
+    assert _value(words, "--expert-model-parallel-size") == "8"
+    assert _value(words, "--expert-tensor-parallel-size") == "1"
+    assert _value(words, "--student-hf") == "/models/Qwen3-30B-A3B" and "EP=8 ETP=1 -> DP=2" in plan
+    assert _value(_torchrun_words(_plan(**env, EP="4")), "--expert-model-parallel-size") == "4"  # user wins
+    result = _run(LAUNCHER, env=_env(**{**env, "ETP": "4"}))  # 4*8 expert ranks do not fit 8 GPUs
+    assert result.returncode != 0 and "not divisible by ETP*EP*PP = 4*8*1 = 32" in result.stderr
+    assert "--expert-model-parallel-size" not in _torchrun_words(_plan())  # dense default: no MoE flags
+
+
 def test_given_endpoints_and_extra_flags_pass_through():
     urls = "http://srv0:30001,http://srv0:30002"
     words = _torchrun_words(_plan(ROLLOUT_URLS=urls, TEACHER_URLS="http://srv1:31000", EXTRA_ARGS="--lr 3e-6"))
@@ -138,7 +155,8 @@ def _trainer_flag_table() -> set[str]:
 def test_every_flag_is_known_to_the_trainer_cli():
     words = _torchrun_words(_plan(TP="2", PP="2", VPP="2", PPO_CLIP="0.2", GATE_TAU="1.0", TOP_K="20",
                                   MIN_LR="1e-7", MINIBATCHES_PER_ROLLOUT="2", LSM_TAIL="1", ENABLE_THINKING="1",
-                                  SAVE_HF="out/hf", WANDB_PROJECT="opd", CHAT_TEMPLATE="0"))
+                                  SAVE_HF="out/hf", WANDB_PROJECT="opd", CHAT_TEMPLATE="0", EP="2", ETP="1",
+                                  MOE_AUX_LOSS_COEFF="1e-3", MOE_ROUTER_DTYPE="fp64", MOE_TOKEN_DISPATCHER="allgather"))
     train_flags = words[words.index("train") + 1:]
     known = _trainer_flag_table()
     used = {w for w in train_flags if w.startswith("--")}

@@ -39,8 +39,8 @@ class TEStyleRMSNorm(provider.TorchRMSNorm):
 
 def te_keyed(build):
     local_spec, block_spec = provider._local_layer_spec, provider._block_spec
-    def layer_spec():
-        spec = local_spec()
+    def layer_spec(num_experts=None):
+        spec = local_spec(num_experts)
         spec.submodules.self_attention.submodules.q_layernorm = TEStyleRMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = TEStyleRMSNorm
         return spec

@@ -17,7 +17,8 @@ FROZEN_FLAGS = sorted(FLAGS)
 def test_flag_set_is_frozen():
     expected = {
         "--tensor-model-parallel-size", "--pipeline-model-parallel-size", "--virtual-pipeline-model-parallel-size",
-        "--context-parallel-size", "--sequence-parallel", "--distributed-timeout-minutes", "--student-hf", "--teacher-hf", "--bf16", "--lr",
+        "--context-parallel-size", "--sequence-parallel", "--distributed-timeout-minutes", "--student-hf", "--teacher-hf", "--bf16",
+        "--chunked-head", "--head-chunk-tokens", "--lr",
         "--min-lr", "--lr-warmup-iters", "--lr-decay-style", "--weight-decay", "--clip-grad", "--adam-beta1",
         "--adam-beta2", "--train-iters", "--micro-batch-size", "--max-tokens-per-micro-batch", "--seed", "--save", "--save-interval", "--keep-last",
         "--load", "--save-hf", "--export-hf-at", "--objective", "--topk", "--lsm-tail", "--ppo-clip", "--epochs-per-rollout",
@@ -27,7 +28,8 @@ def test_flag_set_is_frozen():
         "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--data-path", "--prompt-field",
         "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
         "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
-        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress",
+        "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress", "--expert-model-parallel-size",
+        "--expert-tensor-parallel-size", "--moe-aux-loss-coeff", "--moe-router-dtype", "--moe-token-dispatcher-type",
         "--max-staleness", "--rollout-threads", "--is-cap"}
     assert set(FROZEN_FLAGS) == expected
 
@@ -159,3 +161,13 @@ def test_max_staleness_flags_and_their_conflicts():
         parse_config(BASE + ["--max-staleness", "1", "--eval-interval", "2", "--eval-benchmarks", "toy"])
     with pytest.raises(ConfigError, match="sft has no rollouts"):
         parse_config(BASE + ["--objective", "sft", "--max-staleness", "1"])
+
+
+def test_chunked_head_is_the_default_and_can_be_turned_off(tmp_path):
+    base = ["--student-hf", str(tmp_path), "--data-path", "toy", "--teacher-hf", str(tmp_path)]
+    cfg = parse_config(base)
+    assert cfg.model.chunked_head and cfg.model.head_chunk_tokens is None
+    cfg = parse_config(base + ["--no-chunked-head", "--head-chunk-tokens", "256"])
+    assert not cfg.model.chunked_head and cfg.model.head_chunk_tokens == 256
+    with pytest.raises(ConfigError, match="--head-chunk-tokens"):
+        parse_config(base + ["--head-chunk-tokens", "0"])

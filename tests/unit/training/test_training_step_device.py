@@ -55,3 +55,27 @@ def test_microbatch_loss_runs_on_the_model_device(objective, granularity, normal
     loss_sum.backward()  # the ops' backward (chunked softmax gradient, scatter to the support) on meta too
     assert output.grad.device == META
     assert loss_fn.normalizer.weighted.device == META  # Σ m g stays on the device: no sync per micro-batch
+
+
+@pytest.mark.parametrize("objective", ["lsm", "sampled"])
+def test_chunked_head_loss_runs_on_the_model_device(objective):
+    """The chunked head (hidden states + output weight, the trainer's default) on the device too. Meta tensors
+    hold no values, so ``nonzero`` (which response slots are real tokens) is told to take them all."""
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
+        _chunked_head_loss_on_meta(objective)
+
+
+def _chunked_head_loss_on_meta(objective):
+    mb = host_microbatch().to(META)
+    settings = LossSettings(objective=objective, vocab_size=VOCAB, topk=K, ppo_clip=0.2, lsm_tail=True,
+                            gate=DriftGateConfig(granularity="block", block_size=4), head_chunk_tokens=5)
+    loss_fn = MicrobatchLoss(settings, None, None)
+    hidden = torch.zeros(*mb.input_ids.shape, 8, device=META, requires_grad=True)
+    weight = torch.zeros(PADDED_VOCAB, 8, device=META, requires_grad=True)
+    loss_sum, num_tokens, report = loss_fn(mb, hidden, head_weight=weight)
+    assert loss_sum.device == META and num_tokens.device == META
+    assert {name: value.device for name, value in report.items()} == {name: META for name in report}
+    loss_sum.backward()
+    assert hidden.grad.device == META and weight.grad.device == META

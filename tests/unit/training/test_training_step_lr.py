@@ -36,7 +36,7 @@ class SGDLikeMegatron:
 def test_logged_lr_is_the_rate_the_step_ran_at(monkeypatch):
     weight = torch.nn.Parameter(torch.zeros(1))
 
-    def schedule(model, microbatches, loss_func, device, forward_only):
+    def schedule(model, microbatches, loss_func, device, forward_only, chunked_head=False):
         weight.grad = torch.ones(1)  # g = 1: the step moves the weight by exactly -lr
         return [{"loss_sum": torch.tensor(1.0), "tokens": torch.tensor(1.0)}]
 
@@ -47,7 +47,7 @@ def test_logged_lr_is_the_rate_the_step_ran_at(monkeypatch):
                                 lr_decay_style="cosine", weight_decay=0.0)
     student = SimpleNamespace(model=[SimpleNamespace(zero_grad_buffer=lambda: None)], optimizer=optimizer,
                               scheduler=_build_scheduler(SimpleNamespace(optim=optim_cfg), optimizer))
-    loss = SimpleNamespace(normalizer=SimpleNamespace(reset=lambda: None))
+    loss = SimpleNamespace(normalizer=SimpleNamespace(reset=lambda: None), settings=SimpleNamespace(chunked_head=True))
     state = SimpleNamespace(dp_size=1, dp_rank=0, device=torch.device("cpu"))
     minibatch = make_microbatch(torch.Generator().manual_seed(0))
     logged, applied = [], []
