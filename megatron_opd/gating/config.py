@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-GRANULARITIES = ("none", "token", "block", "span", "sequence")
+GRANULARITIES = ("none", "token", "block", "span", "sequence", "tis", "masked_is", "sequence_is")
 AGGREGATIONS = ("mean", "mean_abs", "k3")
 GATE_FNS = ("exp", "clip")
 NORMALIZATIONS = ("mean", "none", "clipped", "residual")
@@ -20,7 +20,8 @@ class DriftGateConfig:
     """How drift δ_t = log π_θ(y_t) − log π_old(y_t) turns into per-position loss weights ĝ_t."""
 
     granularity: str = "block"
-    """Units: none (gates ≡ 1) | token | block (block_size positions) | span (ends at span_ends) | sequence."""
+    """Units: none (gates ≡ 1) | token | block (block_size positions) | span (ends at span_ends) | sequence; or an
+    importance-sampling correction in the gate's place: tis | masked_is | sequence_is (``corrections.py``)."""
     block_size: int = 64
     """N of block granularity: blocks are response positions [kN, (k+1)N); the paper's default is 64."""
     tau: float = 1.0
@@ -38,6 +39,8 @@ class DriftGateConfig:
     """[a, b] of normalization clipped."""
     residual_alpha: float = 0.5
     """α of normalization residual, in [0, 1]."""
+    is_cap: float = 2.0
+    """C of the IS corrections (tis: min(ρ, C); masked_is: keep ρ in [1/C, C]; sequence_is: min(Πρ, C))."""
 
     def __post_init__(self) -> None:
         _choice("granularity", self.granularity, GRANULARITIES)
@@ -54,5 +57,7 @@ class DriftGateConfig:
         if not 0 <= low <= high:
             raise ValueError(f"DriftGateConfig.clip_range must be (a, b) with 0 <= a <= b, got {self.clip_range!r}")
         self.clip_range = (float(low), float(high))
+        if not self.is_cap > 1:
+            raise ValueError(f"DriftGateConfig.is_cap must be > 1, got {self.is_cap!r}")
         if not 0 <= self.residual_alpha <= 1:
             raise ValueError(f"DriftGateConfig.residual_alpha must be in [0, 1], got {self.residual_alpha!r}")

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd.gating.config import DriftGateConfig
+from megatron_opd.gating.corrections import CORRECTIONS, importance_weights
 from megatron_opd.gating.gates import _dp_sum, gate_values, normalize_gates, unit_drift
 from megatron_opd.gating.units import _group_size
 
@@ -80,6 +81,12 @@ def drift_gates(cur_logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: to
     drift = torch.where(mask, cur_logprobs.double() - old_logprobs.double(), 0.0)
     if config.granularity == "none":
         gates, num_units = torch.ones_like(drift), torch.zeros((), dtype=torch.long)
+    elif config.granularity in CORRECTIONS:  # drift = log ratio λ; a CP split would need Σλ all-reduced first
+        if config.granularity == "sequence_is" and cp_group is not None and _group_size(cp_group) > 1:
+            raise ValueError("granularity sequence_is does not support a context-parallel split yet")
+        gates = normalize_gates(importance_weights(drift, mask, config.granularity, config.is_cap), mask, config,
+                                dp_group)
+        num_units = mask.sum()
     else:
         unit_values, num_units = unit_drift(drift, mask, config, None if positions is None else positions.long(),
                                             span_ends, cp_group)

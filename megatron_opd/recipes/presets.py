@@ -2,8 +2,9 @@
 (``recipes.variants``) and the report (``recipes.study_report``).
 
 A variant is ``{"name": ..., "flags": {"--flag": value, ...}}`` (``flags`` null = the untrained
-student). Presets: ``six`` (the paper's six variants) and ``ablations`` (LSM with block sizes
-16/32/64/128, token and sequence gates, τ 0.5/1/2/4).
+student). Presets: ``six`` (the paper's six variants), ``ablations`` (LSM with block sizes
+16/32/64/128, token and sequence gates, τ 0.5/1/2/4) and ``async`` (issue 18: rollout staleness
+K ∈ {0, 1, 2, 4} × {no gate, Block64, token-level TIS} × {sampled, LSM}).
 """
 
 from __future__ import annotations
@@ -29,7 +30,25 @@ ABLATION_VARIANTS: list[dict] = [
     *({"name": f"LSM + Block64 τ={tau:g}", "flags": {"--objective": "lsm", **BLOCK64, "--gate-tau": tau}}
       for tau in (0.5, 2.0, 4.0)),
 ]
-PRESETS = {"six": DEFAULT_VARIANTS, "ablations": ABLATION_VARIANTS}
+STALENESS = (0, 1, 2, 4)
+TIS = {"--gate": "tis", "--is-cap": 2.0}  # slime --use-tis / verl rollout_correction default cap
+
+
+def _async_variants() -> list[dict]:
+    """Variant names "<objective>[ + gating] K=<k>"; the behaviour policy is the trainer's recompute with
+    the sampling weights (the default --logprob-source recompute)."""
+    gatings = (("", {"--gate": "none"}), (" + Block64", BLOCK64), (" + TIS", TIS))
+    return [{"name": f"{label}{suffix} K={k}", "flags": {"--objective": objective, **gate, "--max-staleness": k}}
+            for k in STALENESS for objective, label in (("sampled", "sampled"), ("lsm", "LSM"))
+            for suffix, gate in gatings]
+
+
+ASYNC_VARIANTS: list[dict] = _async_variants()
+# Block64 against no gate and against TIS, per objective and staleness.
+ASYNC_PAIRS = [pair for k in STALENESS for label in ("sampled", "LSM")
+               for pair in ((f"{label} + Block64 K={k}", f"{label} K={k}"),
+                            (f"{label} + Block64 K={k}", f"{label} + TIS K={k}"))]
+PRESETS = {"six": DEFAULT_VARIANTS, "ablations": ABLATION_VARIANTS, "async": ASYNC_VARIANTS}
 # Paired comparisons reported by default: (variant, reference) when both are in the study.
 DEFAULT_PAIRS = [("sampled + Block64", "sampled"), ("LSM + Block64", "LSM"), ("LSM + newline spans", "LSM")]
 SFT_CONTROL = "continued SFT (equal wall time)"
@@ -56,6 +75,8 @@ def default_pairs(variants: list[dict]) -> list[tuple[str, str]]:
     variant against ungated LSM."""
     names = {v["name"] for v in variants}
     known = dict(DEFAULT_PAIRS)
+    if any(name in names for name, _ in ASYNC_PAIRS):
+        return [(a, b) for a, b in ASYNC_PAIRS if a in names and b in names]
     pairs = []
     for v in variants:
         name = v["name"]

@@ -78,7 +78,7 @@ __all__ = ["ABLATION_VARIANTS", "BLOCK64", "DEFAULT_PAIRS", "DEFAULT_VARIANTS", 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-opd variants", description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--variants", help="preset (six | ablations) or JSON list of {name, flags}; default: six")
+    add("--variants", help="preset (six | ablations | async) or JSON list of {name, flags}; default: six")
     add("--only", help="comma-separated variant names to run")
     add("--seeds", default="1,2,3", help="comma-separated seeds (CPU: several, for mean ± CI)")
     add("--workdir", default="runs/variants")

@@ -202,6 +202,9 @@ class LocalRolloutEngine(RolloutEngine):
                              f"{self.model.config.vocab_size} output columns")
         self.max_batch_rows = int(max_batch_rows)
         self.eos_ids = model_eos_ids(self.model)
+        self.weight_version: int | str = 0
+        """Recorded in every sample's ``meta["weight_version"]``: counts weight updates unless the caller names
+        the version (the trainer passes its own version number, as SGLang's ``meta_info.weight_version``)."""
 
     def stop_ids(self, params: SamplingParams) -> set[int]:
         return set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))
@@ -214,7 +217,7 @@ class LocalRolloutEngine(RolloutEngine):
             [prompts[i] for i, _ in rows], [seeds[i][j] for i, j in rows], params)
         return [Sample(prompt_ids=list(prompts[i]), response_ids=r.response_ids, logprobs=r.logprobs,
                        finish_reason=r.finish_reason, prompt_index=i, sample_index=j,
-                       meta={"seed": seeds[i][j]})
+                       meta={"seed": seeds[i][j], "weight_version": self.weight_version})
                 for (i, j), r in zip(rows, results)]
 
     def sample(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[RowResult]:
@@ -226,5 +229,10 @@ class LocalRolloutEngine(RolloutEngine):
             out += sample_rows(self.model, prompts[start:end], seeds[start:end], params, self.vocab_size, stop)
         return out
 
-    def update_weights(self, source: dict[str, torch.Tensor] | str | Path) -> None:
+    def update_weights(self, source: dict[str, torch.Tensor] | str | Path, *,
+                       weight_version: int | str | None = None) -> int | str:
+        """Loads the weights; returns the version the next samples record."""
         load_hf_state_dict(self.model, source, where="LocalRolloutEngine.update_weights")
+        self.weight_version = (self.weight_version + 1 if isinstance(self.weight_version, int) else 1) \
+            if weight_version is None else weight_version
+        return self.weight_version

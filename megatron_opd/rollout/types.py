@@ -79,3 +79,16 @@ def derive_sample_seed(base_seed: int, global_prompt_index: int, sample_index: i
     """
     key = f"{int(base_seed)}:{int(global_prompt_index)}:{int(sample_index)}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def weight_version_number(version) -> int | None:
+    """The trainer's integer weight version from a sample's ``meta["weight_version"]``: an int (in-process
+    engine) or the trainer-named SGLang version ``"v<N>"``; None when the engine did not say (or named it
+    otherwise, e.g. a server started on a checkpoint)."""
+    if isinstance(version, bool):
+        return None
+    if isinstance(version, int):
+        return version
+    if isinstance(version, str) and version.startswith("v") and version[1:].isdigit():
+        return int(version[1:])
+    return None

@@ -66,12 +66,15 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--ppo-clip": ("objective", "ppo_clip", float, "sampled: PPO clip epsilon of the ratio"),
     "--epochs-per-rollout": ("objective", "epochs_per_rollout", None, "passes over each rollout batch"),
     "--minibatches-per-rollout": ("objective", "minibatches_per_rollout", None, "optimizer steps per pass"),
-    "--logprob-source": ("objective", "logprob_source", None, "recompute | engine (behaviour log-probs)"),
+    "--logprob-source": ("objective", "logprob_source", None,
+                         "recompute (with the sampling weights) | engine | proximal (behaviour log-probs)"),
     "--special-token-mask": ("objective", "special_token_mask", None, "auto | none | comma-separated ids"),
     "--gate-span-delimiter": ("objective", "span_delimiter", None, "--gate span: spans end at tokens containing it"),
     # drift gate
-    "--gate": ("gate", "granularity", None, "none | token | block | span | sequence (default: none for "
-               "--objective sft, block otherwise)"),
+    "--gate": ("gate", "granularity", None,
+               "none | token | block | span | sequence | tis | masked_is | sequence_is (IS corrections) "
+               "(default: none for --objective sft, block otherwise)"),
+    "--is-cap": ("gate", "is_cap", None, "C of --gate tis / masked_is / sequence_is"),
     "--gate-block-size": ("gate", "block_size", None, "tokens per block for --gate block"),
     "--gate-tau": ("gate", "tau", None, "gate temperature: g = exp(-tau * |D|)"),
     "--gate-aggregation": ("gate", "aggregation", None, "mean | mean_abs | k3"),
@@ -97,6 +100,10 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--top-p": ("engines", "top_p", None, "rollout nucleus top-p"),
     "--top-k": ("engines", "top_k", None, "rollout top-k (-1: off)"),
     "--max-new-tokens": ("engines", "max_new_tokens", None, "response length limit"),
+    "--max-staleness": ("engines", "max_staleness", None,
+                        "K: rollouts generated while training, from weights <= K versions old (0: synchronous)"),
+    "--rollout-threads": ("engines", "rollout_threads", None,
+                          "torch threads of the rollout producer thread under --max-staleness (0: the trainer's)"),
     # data
     "--data-path": ("data", "data_path", str, "JSONL/Parquet file, hub dataset name, or toy"),
     "--prompt-field": ("data", "prompt_field", None, "field holding the problem"),

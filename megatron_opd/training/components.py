@@ -168,19 +168,31 @@ def _rescale_grads(model: list, loss: MicrobatchLoss, state: ParallelState) -> N
             chunk.scale_gradients(scale)
 
 
-def sync_weights(components: Components) -> None:
-    """Push the student's current weights to the rollout engine (collective over all ranks)."""
+def sync_weights(components: Components, version: int | None = None) -> None:
+    """Push the student's current weights to the rollout engine (collective over all ranks); ``version``
+    names them (samples record it)."""
     if components.rollout_engine is None:
         return
+    push_weights(components.rollout_engine, gather_engine_weights(components), version)
+
+
+def gather_engine_weights(components: Components) -> dict:
+    """Collective (the training group): the full HF-named weights, on every rank."""
     from megatron_opd.models import gather_hf_state_dict
+
+    return gather_hf_state_dict(components.student.unwrapped(), components.student.hf_config)
+
+
+def push_weights(engine, state_dict: dict, version: int | None, group=None) -> None:
+    """Load ``state_dict`` into the rollout engine. In-process engines: every rank has its own. SGLang: rank 0
+    is the one writer for the shared servers, then a barrier on ``group`` (the asynchronous producer passes
+    its own group) so no rank samples before the servers hold the new weights."""
     from megatron_opd.rollout import LocalRolloutEngine
 
-    engine = components.rollout_engine
-    state_dict = gather_hf_state_dict(components.student.unwrapped(), components.student.hf_config)
-    if isinstance(engine, LocalRolloutEngine):  # every rank holds its own in-process engine
+    if isinstance(engine, LocalRolloutEngine):
         with torch.no_grad():
-            engine.update_weights(state_dict)
+            engine.update_weights(state_dict, weight_version=version)
         return
-    if dist.get_rank() == 0:  # one writer for the shared servers
-        engine.update_weights(state_dict)
-    dist.barrier()  # collective: no rank samples before the servers hold the new weights
+    if dist.get_rank() == 0:
+        engine.update_weights(state_dict, weight_version=None if version is None else f"v{version}")
+    dist.barrier(group=group)  # collective

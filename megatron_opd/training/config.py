@@ -18,7 +18,7 @@ from megatron_opd.models.megatron_config import ROUTER_DTYPES, TOKEN_DISPATCHERS
 from megatron_opd.platform import ParallelConfig
 
 OBJECTIVES = ("sampled", "lsm", "sft")
-LOGPROB_SOURCES = ("recompute", "engine")
+LOGPROB_SOURCES = ("recompute", "engine", "proximal")
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
 
@@ -118,7 +118,9 @@ class ObjectiveConfig:
     epochs_per_rollout: int = 2
     minibatches_per_rollout: int = 1
     logprob_source: str = "recompute"
-    """recompute log π_old on the trainer (no train/inference mismatch) or take the engine's."""
+    """recompute log π_old on the trainer with the weights that sampled (no train/inference mismatch), take
+    the engine's, or proximal (decoupled PPO: π_old = current weights, the engine's log-probs as behaviour μ;
+    see training/behaviour.py)."""
     span_delimiter: str = "\n"
     """--gate span: a span ends at every token whose text contains this string (the paper: newline)."""
     special_token_mask: str = "auto"
@@ -154,6 +156,10 @@ class EngineConfig:
     weight syncs and aborts directly (the router serves neither); empty: the --rollout-url servers."""
     sglang_timeout_s: float = 300.0
     sglang_unreachable_wait_s: float = 300.0
+    max_staleness: int = 0
+    """K: generate rollouts ahead while training, from weights at most K versions old (0: synchronous)."""
+    rollout_threads: int = 0
+    """--max-staleness >= 1: torch threads of the rollout producer thread (0: as many as the trainer)."""
 
     def __post_init__(self):
         _require(not self.rollout_worker_urls or self.rollout_url.startswith(("http://", "https://")),
@@ -166,6 +172,8 @@ class EngineConfig:
         _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens > 0, "--max-new-tokens must be > 0")
+        _require(self.max_staleness >= 0, f"--max-staleness must be >= 0, got {self.max_staleness}")
+        _require(self.rollout_threads >= 0, f"--rollout-threads must be >= 0, got {self.rollout_threads}")
 
 
 @dataclass(kw_only=True)
@@ -250,6 +258,7 @@ class OPDConfig:
         if obj.objective == "sft":
             _require(self.gate.granularity == "none", "--objective sft has no behaviour policy: drop --gate "
                      "(it defaults to none for sft) or set --gate none")
+            _require(eng.max_staleness == 0, "--objective sft has no rollouts: set --max-staleness 0")
         per_step = eng.prompts_per_rollout * (1 if obj.objective == "sft" else eng.samples_per_prompt)
         fixed_microbatches = not self.optim.max_tokens_per_micro_batch
         _require(per_step % obj.minibatches_per_rollout == 0 and
@@ -260,6 +269,9 @@ class OPDConfig:
         _require(self.data.data_path is not None, "set --data-path (a JSONL/Parquet file, a hub dataset, or 'toy')")
         _require(not (self.checkpoint.save_interval and not self.checkpoint.save),
                  "--save-interval needs --save DIR")
+        _require(not (self.log.eval_interval and eng.max_staleness),
+                 "--eval-interval with --max-staleness >= 1: the rollout engine is busy generating ahead from "
+                 "older weights; export snapshots with --export-hf-at and evaluate them with megatron-opd eval")
         _require(not self.log.eval_interval or (self.log.eval_benchmarks and obj.objective != "sft"),
                  "--eval-interval needs --eval-benchmarks (e.g. toy or aime24,aime25,math500,amc23) and an OPD "
                  "objective (it evaluates the rollout engine)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_opd.rollout.types import Sample
+from megatron_opd.rollout.types import Sample, weight_version_number
 from megatron_opd.teacher.types import TeacherScore
 
 
@@ -29,6 +29,8 @@ class Experience:
     teacher_logprobs: torch.Tensor | None = None  # (N, T) log q(y_t)
     teacher_topk_ids: torch.Tensor | None = None  # (N, T, K) int64
     teacher_topk_logprobs: torch.Tensor | None = None  # (N, T, K)
+    weight_versions: torch.Tensor | None = None  # (N,) int64 trainer weight version that sampled each row (-1: unknown)
+    behaviour_logprobs: torch.Tensor | None = None  # (N, T) log μ for --logprob-source proximal (the engine's)
     pad_to_multiple: int = 1
     """Sequence lengths stay multiples of this after any ``select`` (TP size under sequence parallelism)."""
 
@@ -107,11 +109,17 @@ def build_experience(samples: list[Sample], scores: list[TeacherScore] | None, *
         loss_mask=loss_mask,
         truncated=torch.tensor([s.finish_reason != "stop" for s in samples]),
         engine_logprobs=engine_lp,
+        weight_versions=torch.tensor([_version_or_unknown(s) for s in samples], dtype=torch.long),
         pad_to_multiple=pad_to_multiple,
     )
     if scores is not None:
         _attach_teacher(exp, samples, scores, resp_len)
     return exp
+
+
+def _version_or_unknown(sample: Sample) -> int:
+    number = weight_version_number(sample.meta.get("weight_version"))
+    return -1 if number is None else number
 
 
 def _attach_teacher(exp: Experience, samples: list[Sample], scores: list[TeacherScore], resp_len: int) -> None:
@@ -148,4 +156,6 @@ def build_sft_experience(prompts: list[list[int]], solutions: list[list[int]], *
     """Reference solutions as 'responses' (for --objective sft); they end with EOS."""
     samples = [Sample(prompt_ids=p, response_ids=r, logprobs=[0.0] * len(r), finish_reason="stop",
                       prompt_index=i, sample_index=0) for i, (p, r) in enumerate(zip(prompts, solutions))]
-    return build_experience(samples, None, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    exp = build_experience(samples, None, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+    exp.weight_versions = None  # reference solutions: no policy sampled them
+    return exp

@@ -37,18 +37,19 @@ def prompts_for_batch(num_prompts: int, batch_size: int, batch_index: int, seed:
             for position in range(start, start + batch_size)]
 
 
-def _my_share(num_items: int) -> range:
+def _my_share(num_items: int, group=None) -> range:
     """Contiguous share of ``num_items`` for this rank (all ranks together cover every item once)."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    world, rank = (dist.get_world_size(group), dist.get_rank(group)) if dist.is_initialized() else (1, 0)
     per_rank = -(-num_items // world)
     return range(min(rank * per_rank, num_items), min((rank + 1) * per_rank, num_items))
 
 
-def _all_gather_list(items: list) -> list:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+def _all_gather_list(items: list, group=None) -> list:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return items
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, items)  # collective: every rank gets every share, in rank order
+    gathered = [None] * dist.get_world_size(group)
+    # collective (on ``group``: the asynchronous producer's own group): every rank gets every share, in rank order
+    dist.all_gather_object(gathered, items, group=group)
     return [item for share in gathered for item in share]
 
 
@@ -69,25 +70,32 @@ class RolloutExperienceMaker:
         self.seed = seed
         self.pad_to_multiple = pad_to_multiple
 
-    def make(self, batch_index: int) -> tuple[Experience, dict]:
+    def make(self, batch_index: int, group=None) -> tuple[Experience, dict]:
+        """Batch ``batch_index``; ``group``: the process group of the all-gather (None: the default group;
+        the asynchronous producer thread passes its own, see ``training/async_rollout.py``)."""
         indices = prompts_for_batch(len(self.prompts), self.prompts_per_rollout, batch_index, self.seed)
-        share = _my_share(len(indices))
+        share = _my_share(len(indices), group)
         prompt_ids = [self.prompts[indices[i]].prompt_ids for i in share]
         t0 = time.perf_counter()
         # The sampling stream is a pure function of (seed, global prompt position, sample index).
         self.rollout_engine.load_state_dict({"seed": self.seed,
                                              "prompt_counter": batch_index * self.prompts_per_rollout + share.start})
         samples = self.rollout_engine.generate(prompt_ids, self.sampling) if prompt_ids else []
+        for sample in samples:
+            sample.meta["slot"] = (batch_index, share.start + sample.prompt_index, sample.sample_index)
         t1 = time.perf_counter()
         scores = self.teacher_engine.score([s.prompt_ids for s in samples], [s.response_ids for s in samples],
                                            top_k=self.topk) if samples else []
         t2 = time.perf_counter()
-        samples, scores = _all_gather_list(samples), _all_gather_list(scores)
+        samples, scores = _all_gather_list(samples, group), _all_gather_list(scores, group)
         t3 = time.perf_counter()
         exp = build_experience(samples, scores, pad_id=self.pad_id, special_token_ids=self.special_token_ids,
                                pad_to_multiple=self.pad_to_multiple)
         metrics = rollout_metrics(samples, exp)
         metrics.update(time_rollout=t1 - t0, time_teacher=t2 - t1, time_gather=t3 - t2)
+        # Which (batch, prompt position, sample) slot each row fills: the rollout source counts them (popped there,
+        # never logged) to prove no sample is lost or duplicated.
+        metrics["sample_slots"] = [s.meta["slot"] for s in samples]
         return exp, metrics
 
 

@@ -3,6 +3,10 @@ optimizer steps with drift gates → weight sync → checkpoint / eval. Reads li
 
 Checkpoints are taken at rollout boundaries only (after the weight sync), so a resumed run needs
 no rollout data: the next batch is a pure function of the batch index and the seed.
+
+With ``--max-staleness K`` ≥ 1 the batches come from a producer thread that generates ahead from weights
+up to K versions old (``training/async_rollout.py``); the behaviour policy is then the sample's own
+version (``training/behaviour.py``). Weight version = rollout batches trained = ``batch_index``.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from pathlib import Path
 import torch
 
 from megatron_opd.platform import ParallelState, destroy_distributed, initialize_distributed
+from megatron_opd.training.async_rollout import build_rollout_source, check_staleness, staleness_metrics
+from megatron_opd.training.behaviour import WeightSnapshots, attach_behaviour_logprobs
+from megatron_opd.training.behaviour import engine_logprob_gap as engine_logprob_gap  # re-exported
 from megatron_opd.training.checkpoint import find_run_to_resume, load_run_checkpoint, save_run_checkpoint
-from megatron_opd.training.components import Components, build_components, sync_weights
+from megatron_opd.training.components import Components, build_components
 from megatron_opd.training.config import OPDConfig
 from megatron_opd.training.metrics import MetricsLogger, derive_step_metrics
 from megatron_opd.training.run_dir import prepare_run_dir
-from megatron_opd.training.step import recompute_logprobs, train_step
+from megatron_opd.training.step import train_step
 from megatron_opd.versions import check_versions
 
 
@@ -52,68 +59,84 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
         check_versions()  # warns (does not stop) when installed versions differ from the pins
     run = build_components(cfg, state)
     step, batch_index, bad_in_a_row = _resume(cfg, run)
-    sync_weights(run)  # the rollout engine starts from the trainer's weights
-    log = MetricsLogger(cfg.log.run_dir, enabled=state.rank == 0, total_steps=cfg.optim.train_iters,
-                        progress=cfg.log.progress, tensorboard=cfg.log.tensorboard,
-                        wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), start_step=step)
-    log.set_position(step)
     obj, metrics = cfg.objective, {}
-    while step < cfg.optim.train_iters:
-        t0 = time.perf_counter()
-        exp, batch_metrics = run.maker.make(batch_index)
-        plans = [minibatch_plan(exp.num_sequences, obj.minibatches_per_rollout, epoch, batch_index, cfg.optim.seed)
-                 for epoch in range(obj.epochs_per_rollout)]
-        t1 = time.perf_counter()
-        if obj.objective != "sft":
-            exp.old_logprobs = (recompute_logprobs(run.student, exp, plans[0], state, cfg.optim.micro_batch_size,
-                                                   max_tokens=cfg.optim.max_tokens_per_micro_batch, loss=run.loss)
-                                if obj.logprob_source == "recompute" else exp.engine_logprobs)
-            if obj.logprob_source == "recompute":
-                batch_metrics.update(engine_logprob_gap(exp))
-        batch_metrics["time_recompute"] = time.perf_counter() - t1
-        update = 0
-        for plan in plans:
-            for indices in plan:
-                if step >= cfg.optim.train_iters:
-                    break
-                t_step = time.perf_counter()
-                sums = train_step(run.student, run.loss, exp.select(indices), state, cfg.optim.micro_batch_size,
-                                  REPORT_KEYS, cfg.optim.max_tokens_per_micro_batch)
-                metrics = derive_step_metrics(sums, run.loss.step_gate_scale)
-                bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
-                if bad_in_a_row >= cfg.log.max_bad_steps:
-                    raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row at step {step + 1} "
-                                             f"(--max-bad-steps {cfg.log.max_bad_steps}); lower --lr?")
-                step += 1
-                metrics.update(batch_index=batch_index, update_in_rollout=update, time_train=time.perf_counter() - t_step,
-                               **(batch_metrics if update == 0 else {}))
-                update += 1
-                log.log(step, metrics, summary=step % cfg.log.log_interval == 0)
-        t_sync = time.perf_counter()
-        sync_weights(run)
-        batch_index += 1
-        log.log(step, {"time_sync": time.perf_counter() - t_sync, "time_iteration": time.perf_counter() - t0},
-                summary=False)
-        _maybe_checkpoint(cfg, run, step, batch_index, bad_in_a_row, steps_this_batch=update)
-        _maybe_evaluate(cfg, run, state, step, log, steps_this_batch=update)
-        for target in cfg.checkpoint.export_hf_at:
-            if step - update < target <= step:
-                _export_hf(run, state, Path(cfg.log.run_dir) / f"hf_step{target}", cfg.model.student_hf)
+    steps_per_batch = obj.epochs_per_rollout * obj.minibatches_per_rollout
+    rollouts = build_rollout_source(cfg, run, last_batch=-(-cfg.optim.train_iters // steps_per_batch) - 1)
+    max_staleness = cfg.engines.max_staleness
+    snapshots = (WeightSnapshots(run.student.model, keep=max_staleness + 1)
+                 if max_staleness and obj.logprob_source == "recompute" else None)
+    try:
+        _publish(rollouts, snapshots, batch_index)  # the rollout engine starts from the trainer's weights
+        log = MetricsLogger(cfg.log.run_dir, enabled=state.rank == 0, total_steps=cfg.optim.train_iters,
+                            progress=cfg.log.progress, tensorboard=cfg.log.tensorboard,
+                            wandb_project=cfg.log.wandb_project, config=cfg.to_dict(), start_step=step)
+        log.set_position(step)
+        while step < cfg.optim.train_iters:
+            t0 = time.perf_counter()
+            batch = rollouts.take(batch_index)  # trainer version = batch_index: batches trained so far
+            exp, batch_metrics = batch.exp, batch.metrics
+            plans = [minibatch_plan(exp.num_sequences, obj.minibatches_per_rollout, epoch, batch_index,
+                                    cfg.optim.seed) for epoch in range(obj.epochs_per_rollout)]
+            t1 = time.perf_counter()
+            gap = {}
+            if obj.objective != "sft":
+                gap = attach_behaviour_logprobs(obj.logprob_source, run, exp, plans[0], state, cfg,
+                                                trainer_version=batch_index, sample_version=batch.version,
+                                                snapshots=snapshots)
+            batch_metrics["time_recompute"] = time.perf_counter() - t1
+            update = 0
+            for plan in plans:
+                for indices in plan:
+                    if step >= cfg.optim.train_iters:
+                        break
+                    t_step = time.perf_counter()
+                    minibatch = exp.select(indices)
+                    ages = _staleness(minibatch, batch_index, max_staleness, step + 1)
+                    sums = train_step(run.student, run.loss, minibatch, state, cfg.optim.micro_batch_size,
+                                      REPORT_KEYS, cfg.optim.max_tokens_per_micro_batch)
+                    metrics = derive_step_metrics(sums, run.loss.step_gate_scale)
+                    bad_in_a_row = bad_in_a_row + 1 if metrics.get("skipped") else 0
+                    if bad_in_a_row >= cfg.log.max_bad_steps:
+                        raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row at step {step + 1} "
+                                                 f"(--max-bad-steps {cfg.log.max_bad_steps}); lower --lr?")
+                    step += 1
+                    metrics.update(batch_index=batch_index, update_in_rollout=update,
+                                   time_train=time.perf_counter() - t_step, **ages, **gap,
+                                   **(batch_metrics if update == 0 else {}))
+                    update += 1
+                    log.log(step, metrics, summary=step % cfg.log.log_interval == 0)
+            t_sync = time.perf_counter()
+            batch_index += 1
+            _publish(rollouts, snapshots, batch_index)
+            log.log(step, {"time_sync": time.perf_counter() - t_sync, "time_iteration": time.perf_counter() - t0},
+                    summary=False)
+            _maybe_checkpoint(cfg, run, step, batch_index, bad_in_a_row, steps_this_batch=update)
+            _maybe_evaluate(cfg, run, state, step, log, steps_this_batch=update)
+            for target in cfg.checkpoint.export_hf_at:
+                if step - update < target <= step:
+                    _export_hf(run, state, Path(cfg.log.run_dir) / f"hf_step{target}", cfg.model.student_hf)
+    except BaseException:
+        rollouts.close(abandon=True)  # the producer may wait in a collective of ranks that are gone
+        raise
+    rollouts.close()
     _maybe_export_hf(cfg, run, state)
     log.close()
     return metrics
 
 
-def engine_logprob_gap(exp) -> dict:
-    """How far the rollout engine's behaviour log-probs are from the trainer's recompute on the same
-    weights (max and mean |engine - recompute| over response tokens): near 0 when the engine holds
-    the synced weights and computes like the trainer; a stale weight sync or a kernel/dtype mismatch
-    shows here."""
-    valid = torch.arange(exp.response_ids.shape[1])[None, :] < exp.response_lens[:, None]
-    gap = (exp.engine_logprobs - exp.old_logprobs).abs()[valid]
-    if gap.numel() == 0:
-        return {}
-    return {"engine_logprob_gap_max": gap.max().item(), "engine_logprob_gap_mean": gap.mean().item()}
+def _publish(rollouts, snapshots: WeightSnapshots | None, version: int) -> None:
+    """Weight version ``version`` (= rollout batches trained) goes to the rollout side (a sync at K = 0)."""
+    if snapshots is not None:
+        snapshots.record(version)
+    rollouts.publish(version)
+
+
+def _staleness(minibatch, trainer_version: int, max_staleness: int, step: int) -> dict:
+    """Asserts every sample of the step is at most --max-staleness versions old; its histogram as metrics."""
+    if minibatch.weight_versions is None or (max_staleness == 0 and bool((minibatch.weight_versions < 0).any())):
+        return {}  # SFT, or a synchronous engine that does not name its weights: nothing to bound
+    ages = check_staleness(minibatch.weight_versions, trainer_version, max_staleness, where=f"step {step}")
+    return staleness_metrics(ages, max_staleness)
 
 
 REPORT_KEYS = ["tokens", "loss_sum", "entropy_sum", "gate_weighted", "abs_drift_sum", "abs_drift_max",

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opd import objectives, ops
-from megatron_opd.gating import DriftGateConfig, drift_gates, newline_span_ends
+from megatron_opd.gating import CORRECTIONS, DriftGateConfig, drift_gates, newline_span_ends
 from megatron_opd.training.experience import Experience
 
 
@@ -245,7 +245,10 @@ class MicrobatchLoss:
         if mb.old_logprobs is not None and self.settings.gate.granularity != "none":
             span_ends = (newline_span_ends(mb.response_ids, delimiter_ids=self.settings.span_delimiter_ids)
                          if self.settings.gate.granularity == "span" else None)
-            gates, gate_stats = drift_gates(cur.detach(), mb.old_logprobs, mask, self.gate_config,
+            target, behaviour = cur.detach(), mb.old_logprobs
+            if self.settings.gate.granularity in CORRECTIONS and mb.behaviour_logprobs is not None:
+                target, behaviour = mb.old_logprobs, mb.behaviour_logprobs  # proximal: weigh by π_prox / μ
+            gates, gate_stats = drift_gates(target, behaviour, mask, self.gate_config,
                                             span_ends=span_ends, dp_group=self.local_gate_norm_group)
         else:
             gates, gate_stats = torch.ones_like(cur), {}

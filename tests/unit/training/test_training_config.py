@@ -30,7 +30,8 @@ def test_flag_set_is_frozen():
         "--answer-field", "--solution-field", "--max-prompt-length", "--chat-template", "--enable-thinking",
         "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
         "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress", "--expert-model-parallel-size",
-        "--expert-tensor-parallel-size", "--moe-aux-loss-coeff", "--moe-router-dtype", "--moe-token-dispatcher-type"}
+        "--expert-tensor-parallel-size", "--moe-aux-loss-coeff", "--moe-router-dtype", "--moe-token-dispatcher-type",
+        "--max-staleness", "--rollout-threads", "--is-cap"}
     assert set(FROZEN_FLAGS) == expected
 
 
@@ -151,6 +152,19 @@ def test_token_budget_lifts_the_micro_batch_size_multiple():
                                "--max-tokens-per-micro-batch", "4096"])
     assert cfg.optim.max_tokens_per_micro_batch == 4096
     assert parse_config(BASE).optim.max_tokens_per_micro_batch == 0  # off by default
+
+
+def test_max_staleness_flags_and_their_conflicts():
+    cfg = parse_config(BASE + ["--max-staleness", "2", "--rollout-threads", "1", "--gate", "tis", "--is-cap", "3"])
+    assert (cfg.engines.max_staleness, cfg.engines.rollout_threads, cfg.gate.granularity, cfg.gate.is_cap) == (
+        2, 1, "tis", 3.0)
+    assert parse_config(BASE).engines.max_staleness == 0
+    with pytest.raises(ConfigError, match="--max-staleness must be >= 0"):
+        parse_config(BASE + ["--max-staleness", "-1"])
+    with pytest.raises(ConfigError, match="--eval-interval with --max-staleness"):
+        parse_config(BASE + ["--max-staleness", "1", "--eval-interval", "2", "--eval-benchmarks", "toy"])
+    with pytest.raises(ConfigError, match="sft has no rollouts"):
+        parse_config(BASE + ["--objective", "sft", "--max-staleness", "1"])
 
 
 def test_chunked_head_is_the_default_and_can_be_turned_off(tmp_path):

@@ -26,3 +26,15 @@ def test_selection_keeps_the_pad_multiple_and_trims():
     assert rows.input_ids.shape == (2, 8) and rows.truncated.tolist() == [False, True]
     positions = exp.response_positions()
     assert exp.input_ids[0, positions[0, 0] + 1] == 5  # the logit at prompt_len - 1 predicts token 0
+
+
+def test_weight_versions_from_samples_and_none_for_sft():
+    from megatron_opd.rollout.types import Sample
+    from megatron_opd.training.experience import build_experience, build_sft_experience
+
+    samples = [Sample(prompt_ids=[1], response_ids=[2, 3], logprobs=[-1.0, -1.0], finish_reason="stop",
+                      prompt_index=i, sample_index=0, meta={"weight_version": v})
+               for i, v in enumerate([3, "v4", None])]
+    exp = build_experience(samples, None, pad_id=0)
+    assert exp.weight_versions.tolist() == [3, 4, -1]
+    assert build_sft_experience([[1]], [[2, 3]], pad_id=0).weight_versions is None
