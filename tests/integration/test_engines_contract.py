@@ -230,7 +230,7 @@ def test_single_dead_server_is_reported_clearly(model):
     dead = start_contract_server(copy.deepcopy(model), vocab_size=VOCAB)
     url = dead.url
     dead.close()
-    with pytest.raises(Exception, match=rf"ConnectError from {url} for rid .*-a1"):
+    with pytest.raises(Exception, match=rf"ConnectError to {url} for rid .*-a1"):
         client(url, max_retries=1).generate(PROMPTS[:1], SETTINGS["greedy"])
 
 
