@@ -80,6 +80,9 @@ def real_servers(sglang_python, tmp_path_factory):
         pool.stop_all()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def real_server(real_servers, tiny_hf_dir) -> sglang_server.RealServer:
+    # Per module, not per session: the pool keeps MAX_LIVE_SERVERS and stops the oldest when a module
+    # needs other servers, so a session-wide handle could point at a stopped server; the pool hands back
+    # the live one (or restarts it) for each module.
     return real_servers(tiny_hf_dir)
