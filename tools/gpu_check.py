@@ -533,11 +533,27 @@ def _build_opd_student(workdir: Path, sizes: Sizes, state, device: torch.device,
     return student, holder[0]
 
 
+def _timed_train_steps(student, loss, exp, state, device, sizes: Sizes) -> tuple[list, list, float, dict]:
+    """``bench_warmup`` untimed then ``bench_steps`` timed OPD train steps on ``exp``: (step seconds, per-token
+    losses of every step, the median step time, the last step's metrics)."""
+    from megatron_opd.training.loop import REPORT_KEYS
+    from megatron_opd.training.step import train_step
+
+    times, losses = [], []
+    for step in range(sizes.bench_warmup + sizes.bench_steps):
+        _sync(device)
+        start = time.perf_counter()
+        result = train_step(student, loss, exp, state, 1, REPORT_KEYS)
+        _sync(device)
+        if step >= sizes.bench_warmup:
+            times.append(time.perf_counter() - start)
+        losses.append(result["loss_sum"] / max(result["tokens"], 1))
+    return times, losses, sorted(times)[len(times) // 2], result
+
+
 def section_throughput_mfu(check: Check, args, device: torch.device, workdir: Path, sizes: Sizes) -> None:
     from megatron_opd.platform import ParallelConfig, initialize_distributed
     from megatron_opd.platform.parallel import process_group_timeout
-    from megatron_opd.training.loop import REPORT_KEYS
-    from megatron_opd.training.step import train_step
 
     peak = measure_bf16_peak(device, sizes.peak_n)
     state = initialize_distributed(ParallelConfig())
@@ -549,16 +565,7 @@ def section_throughput_mfu(check: Check, args, device: torch.device, workdir: Pa
                  f"process-group timeouts {timeouts} != {state.config.distributed_timeout_minutes} min")
     student, loss = _build_opd_student(workdir, sizes, state, device)
     exp = _opd_experience(sizes.bench_tokens, sizes.bench_model["vocab_size"])
-    times, losses = [], []
-    for step in range(sizes.bench_warmup + sizes.bench_steps):
-        _sync(device)
-        start = time.perf_counter()
-        result = train_step(student, loss, exp, state, 1, REPORT_KEYS)
-        _sync(device)
-        if step >= sizes.bench_warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(result["loss_sum"] / max(result["tokens"], 1))
-    step_time = sorted(times)[len(times) // 2]  # median
+    times, losses, step_time, result = _timed_train_steps(student, loss, exp, state, device, sizes)
     flops = model_flops_per_step(sizes.bench_model, sizes.bench_tokens)
     achieved = flops["total_flops"] / step_time
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -610,8 +617,6 @@ def section_moe(check: Check, args, device: torch.device, workdir: Path, sizes: 
     import gc
 
     from megatron_opd.platform import ParallelConfig, initialize_distributed
-    from megatron_opd.training.loop import REPORT_KEYS
-    from megatron_opd.training.step import train_step
 
     parity = _moe_parity(device)
     check.put(tiny_logit_max_err_vs_hf=parity)
@@ -624,16 +629,7 @@ def section_moe(check: Check, args, device: torch.device, workdir: Path, sizes: 
     state = initialize_distributed(ParallelConfig())
     student, loss = _build_opd_student(workdir, sizes, state, device, moe=True)
     exp = _opd_experience(sizes.moe_tokens, sizes.moe_model["vocab_size"])
-    times, losses = [], []
-    for step in range(sizes.bench_warmup + sizes.bench_steps):
-        _sync(device)
-        start = time.perf_counter()
-        result = train_step(student, loss, exp, state, 1, REPORT_KEYS)
-        _sync(device)
-        if step >= sizes.bench_warmup:
-            times.append(time.perf_counter() - start)
-        losses.append(result["loss_sum"] / max(result["tokens"], 1))
-    step_time = sorted(times)[len(times) // 2]  # median
+    times, losses, step_time, result = _timed_train_steps(student, loss, exp, state, device, sizes)
     flops = moe_active_flops_per_step(sizes.moe_model, sizes.moe_tokens)
     achieved = flops["total_flops"] / step_time
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
