@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
@@ -135,14 +137,6 @@ def run_case(args) -> dict:
 
 # ---------------------------------------------------------------- section: memory and time
 
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def predicted_bytes(impl: str, tokens: int, tp: int, args) -> float:
     """Rough peak of one case, to skip what cannot fit (weight gradient included)."""
     vocab_local = local_vocab(args.vocab, tp)
@@ -172,7 +166,7 @@ def launch_case(impl: str, tokens: int, tp: int, args) -> dict:
 
 def measure(impl: str, tokens: int, tp: int, args) -> tuple[dict | None, str]:
     """(result or None, why not) for one case."""
-    need, available = predicted_bytes(impl, tokens, tp, args), _available_bytes()
+    need, available = predicted_bytes(impl, tokens, tp, args), psutil.virtual_memory().available
     if need > args.memory_fraction * available:
         return None, (f"{impl} T={tokens} TP={tp} not run: needs ~{need / GIB:.1f} GiB, "
                       f"{args.memory_fraction:.0%} of the {available / GIB:.1f} GiB available is the limit")

@@ -47,6 +47,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+import psutil
+
 SUBNET_PREFIX = "198.18.0."
 PREFIX_LEN = 24
 BRIDGE_ADDR = SUBNET_PREFIX + "1"
@@ -96,16 +98,6 @@ def netns_unavailable_reason() -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _netns_names() -> list[str]:
     # `ip netns list` prints "name" or "name (id: N)"
     lines = _ip("netns", "list", check=False).stdout.splitlines()
@@ -153,7 +145,7 @@ def _all_objects() -> list[tuple[str, re.Match]]:
 def remove_stale() -> int:
     """Remove hosts left behind by processes that died without cleaning up; returns how many objects."""
     stale = [(name, m["role"]) for name, m in _all_objects()
-             if m["tag"].isdigit() and not _pid_alive(int(m["tag"]))]
+             if m["tag"].isdigit() and not psutil.pid_exists(int(m["tag"]))]
     _delete_objects(stale)
     return len(stale)
 
