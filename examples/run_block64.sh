@@ -74,6 +74,9 @@
 #   ROLLOUT_URLS [every student worker from tools/sglang_servers.sh on SGLANG_HOST]   --rollout-url
 #   TEACHER_URLS [teacher router, or its worker, from tools/sglang_servers.sh]        --teacher-url
 #   SGLANG_HOST [$MASTER_ADDR]   host of the servers when the URLs are not given
+#   ROLLOUT_WORKER_URLS [unset]  --rollout-worker-urls: the workers behind a router given as ROLLOUT_URLS
+#   WEIGHT_SYNC [disk]     --weight-sync: disk (RUN_DIR must be readable by every worker) or distributed
+#                          (broadcast over NCCL from rank 0 to every worker; no shared storage needed)
 #   START_SERVERS [0]      1: start the servers on this node first (tools/sglang_servers.sh up; its
 #                          STUDENT_GPUS / TEACHER_GPUS / *_TP / *_PORT variables apply) and stop them
 #                          on exit; single-node runs only
@@ -170,6 +173,7 @@ set_defaults() {
     MODELS_DIR=${MODELS_DIR:-/models}; STUDENT_HF=${STUDENT_HF:-$MODELS_DIR/Qwen3-1.7B}
     STUDENT_MCORE=${STUDENT_MCORE-$STUDENT_HF-mcore}; TEACHER_HF=${TEACHER_HF:-$MODELS_DIR/Qwen3-8B}
     BF16=${BF16:-1}; SGLANG_HOST=${SGLANG_HOST:-$MASTER_ADDR}
+    ROLLOUT_WORKER_URLS=${ROLLOUT_WORKER_URLS:-}; WEIGHT_SYNC=${WEIGHT_SYNC:-}
     DATA_PATH=${DATA_PATH:-/data/math_train.jsonl}; PROMPT_FIELD=${PROMPT_FIELD:-problem}
     ANSWER_FIELD=${ANSWER_FIELD:-answer}; MAX_PROMPT_LENGTH=${MAX_PROMPT_LENGTH:-1024}
     CHAT_TEMPLATE=${CHAT_TEMPLATE:-1}; ENABLE_THINKING=${ENABLE_THINKING:-0}
@@ -325,6 +329,7 @@ build_train_args() {
     flag student-hf "$STUDENT_HF"; flag load "$STUDENT_MCORE"; switch bf16 "$BF16"
     if [ "$TEACHER_URLS" = local ]; then flag teacher-hf "$TEACHER_HF"; fi
     flag rollout-url "$ROLLOUT_URLS"; flag teacher-url "$TEACHER_URLS"
+    flag rollout-worker-urls "$ROLLOUT_WORKER_URLS"; flag weight-sync "$WEIGHT_SYNC"
     flag data-path "$DATA_PATH"; flag prompt-field "$PROMPT_FIELD"; flag answer-field "$ANSWER_FIELD"
     flag max-prompt-length "$MAX_PROMPT_LENGTH"
     if [ "$CHAT_TEMPLATE" = 1 ]; then TRAIN_ARGS+=(--chat-template); else TRAIN_ARGS+=(--no-chat-template); fi

@@ -10,4 +10,4 @@ bash scripts/setup_sglang_env.sh >/dev/null
 echo "real-SGLang environment ready in $(( $(date +%s) - sglang_start )) s"
 VENV=${VENV:-.venv}
 "$VENV/bin/ruff" check .
-"$VENV/bin/python" -m pytest -q "$@"
+"$VENV/bin/python" -m pytest -q --durations=30 "$@"  # the slowest tests, for keeping the suite short

@@ -6,7 +6,8 @@ when every server runs with ``--enable-deterministic-inference`` (``/get_server_
 ignores it otherwise, and then retries and failover draw a fresh sample. Weight sync writes HF
 safetensors to a shared directory (or takes one) and calls ``/update_weights_from_disk`` on every
 worker, then checks that the worker reports the new weight version (and optionally a log-prob
-probe), then ``/flush_cache``. After a sync every generate answer must carry that weight version
+probe), then ``/flush_cache``; or broadcasts the tensors over a weight-update group (``weight_sync=
+"distributed"``) with the same checks. After a sync every generate answer must carry that weight version
 (``meta_info.weight_version``): a stale answer is rejected and retried on another worker.
 """
 
@@ -47,13 +48,18 @@ class SGLangRolloutEngine(RolloutEngine):
         (``SamplingParams.renormalize_logprobs`` with top_p < 1 or top_k > 0).
     on_abort: "retry" (default: aborted requests are sent again) or "return" (keep them, finish "abort").
     weight_sync_dir / hf_config: where ``update_weights(state_dict)`` writes safetensors (+ config.json).
+    weight_sync: "disk" (safetensors in weight_sync_dir, ``/update_weights_from_disk``) or "distributed"
+        (a broadcast from this process to every worker's ranks over a weight-update group: NCCL on GPUs, gloo
+        across CPU hosts; no shared disk needed). update_group: (address, port, backend) of that group, each
+        optional (``WeightSyncClient.update_distributed``).
     """
 
     def __init__(self, url: str | list[str], *, worker_urls: tuple[str, ...] | list[str] = (), seed: int = 0,
                  max_concurrency: int = 64, timeout_s: float = 300.0, connect_timeout_s: float = 5.0,
                  max_retries: int = 4, backoff_s: float = 0.2, vocab_size: int | None = None,
                  nucleus_top_n: int = 64, on_abort: str = "retry", weight_sync_dir: str | None = None,
-                 hf_config=None, rid_prefix: str | None = None, unreachable_wait_s: float = 0.0) -> None:
+                 hf_config=None, rid_prefix: str | None = None, unreachable_wait_s: float = 0.0,
+                 weight_sync: str = "disk", update_group: tuple[str | None, int, str | None] = (None, 0, None)) -> None:
         super().__init__(seed)
         urls = split_urls(url)
         self.policy = RetryPolicy(timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
@@ -66,6 +72,9 @@ class SGLangRolloutEngine(RolloutEngine):
         self.on_abort = on_abort
         self.rid_prefix = rid_prefix or f"opd-{uuid.uuid4().hex[:8]}"
         self.weights = WeightSyncClient(workers or urls, self.policy, weight_sync_dir, hf_config)
+        if weight_sync not in ("disk", "distributed"):
+            raise ValueError(f"SGLangRolloutEngine: weight_sync must be 'disk' or 'distributed', got {weight_sync!r}")
+        self.weight_sync, self.update_group = weight_sync, update_group
         self._batches = itertools.count()
         self.expected_weight_version: str | None = None
         """Set by ``update_weights``: answers from other weights are stale (None: not checked yet)."""
@@ -134,7 +143,12 @@ class SGLangRolloutEngine(RolloutEngine):
         probe: (prompt_ids, response_ids, expected_logprobs); each worker's teacher-style log-probs
         of the response must match within 1e-3 (catches a load that "succeeded" on stale weights).
         """
-        version = self.weights.update_from_disk(source, weight_version=weight_version, probe=probe)
+        if self.weight_sync == "distributed" and isinstance(source, dict):
+            address, port, backend = self.update_group
+            version = self.weights.update_distributed(source, weight_version=weight_version, probe=probe,
+                                                      address=address, port=port, backend=backend)
+        else:  # a directory is loaded from disk whatever the mode: the workers read it themselves
+            version = self.weights.update_from_disk(source, weight_version=weight_version, probe=probe)
         self.expected_weight_version = version
         return version
 
@@ -145,6 +159,7 @@ class SGLangRolloutEngine(RolloutEngine):
         """Aborts requests still in flight (interrupted batches) on their servers."""
         if self.runner.in_flight:
             run_sync(self.runner.abort_in_flight())
+        self.weights.close_update_group()
 
 
 def _check_slots(samples: list[Sample], num_prompts: int, n: int) -> None:

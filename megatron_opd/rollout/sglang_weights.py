@@ -4,8 +4,9 @@ Disk: ``/update_weights_from_disk`` {model_path, load_format, flush_cache, weigh
 worker (never through a router), then a check that each worker reports the new weight version
 (``/model_info``; older versions ``/get_weight_version`` or ``/get_model_info``) and, optionally,
 that a log-prob probe matches the trainer's, then ``/flush_cache`` (HTTP 400 while busy: retried).
-NCCL (GPU only): ``/init_weights_update_group`` + ``/update_weights_from_distributed``, with the
-trainer broadcasting each tensor from rank 0 of the update group while the HTTP call is pending.
+Distributed (NCCL on GPUs, gloo across CPU hosts): ``/init_weights_update_group`` once, then per sync
+``/update_weights_from_distributed``, with the trainer broadcasting each tensor from rank 0 of the update
+group while the HTTP call is pending; the same version check (and probe) as from disk.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class WeightSyncClient:
         self.keep_sync_dirs = keep_sync_dirs
         self._exports: list[Path] = []  # the exports this client wrote, oldest first
         self._versions = itertools.count(1)
+        self.update_group = None
+        """The trainer's side of the weight-update group (``update_distributed`` forms it on first use)."""
 
     def _client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(timeout=httpx.Timeout(self.policy.timeout_s, connect=self.policy.connect_timeout_s))
@@ -177,13 +180,20 @@ class WeightSyncClient:
                                  "weight_version": version})
         if not body.get("success", False):
             raise SGLangError(f"/update_weights_from_disk on {url} failed: {body.get('message')}", url)
+        await self._verify_one(client, url, version, probe, f"loading {path}")
+
+    async def _verify_one(self, client, url: str, version: str, probe, what: str) -> None:
+        """The worker reports ``version`` (and matches the probe), then its cache is flushed."""
         reported = await self.weight_version(client, url)
         if reported != version:
-            raise SGLangError(f"{url} reports weight version {reported!r} after loading {path}, expected {version!r}",
-                              url)
+            raise SGLangError(f"{url} reports weight version {reported!r} after {what}, expected {version!r}", url)
         if probe is not None:
             await self._check_probe(client, url, probe)
         await self.flush(client, url)
+
+    async def _verify_all(self, version: str, probe, what: str) -> None:
+        async with self._client() as client:
+            await asyncio.gather(*(self._verify_one(client, u, version, probe, what) for u in self.urls))
 
     async def _check_probe(self, client, url: str, probe) -> None:
         prompt, response, expected = probe
@@ -193,7 +203,33 @@ class WeightSyncClient:
             raise SGLangError(f"{url}: weight probe log-probs differ from the trainer's by {worst:.3g} "
                               f"(> {self.probe_atol}): the new weights are not in use", url)
 
-    # --- NCCL path (GPU clusters) -------------------------------------------------------------
+    # --- NCCL path (GPU clusters; gloo stands in on CPU) -----------------------------------------
+    def update_distributed(self, state_dict: dict[str, torch.Tensor], *, weight_version: str | None = None,
+                           probe=None, address: str | None = None, port: int = 0, backend: str | None = None) -> str:
+        """The trainer's whole distributed sync: forms the update group on first use, broadcasts every tensor
+        of ``state_dict`` (HF names, sorted), then checks that each worker reports the new version (and the
+        probe). Later calls reuse the group; ``close_update_group`` ends it.
+
+        address: where this process (rank 0) hosts the group's rendezvous; it must be reachable from every
+            worker (default: this host's address on the route to the first worker). port 0: a free port.
+        backend: "nccl" on GPUs (default when CUDA is available), else "gloo".
+        """
+        if self.update_group is None:
+            address = address or local_address_towards(self.urls[0])
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            tp_sizes = [worker_tp_size(info, url) for url, info in run_sync(self.server_infos(self.urls)).items()]
+            self.update_group = self.init_update_group(address, port or free_port_on(address), backend=backend,
+                                                       worker_tp_sizes=tp_sizes)
+        named = [(name, tensor) for name, tensor in sorted(state_dict.items())]
+        version = self.update_from_distributed(named, self.update_group, weight_version=weight_version)
+        run_sync(self._verify_all(version, probe, "a distributed weight update"))
+        return version
+
+    def close_update_group(self) -> None:
+        if self.update_group is not None:
+            torch.distributed.destroy_process_group(self.update_group)
+            self.update_group = None
+
     def init_update_group(self, master_address: str, master_port: int, group_name: str | None = None,
                           backend: str = "nccl", worker_tp_sizes: list[int] | None = None,
                           timeout_s: float = 600.0):
@@ -340,6 +376,34 @@ def _wait_unless_workers_fail(done, thread: threading.Thread, box: dict, what: s
                 message = failed if isinstance(failed, BaseException) else failed.get("message")
                 raise SGLangError(f"{what}: a worker failed: {message}")
         time.sleep(poll_s)
+
+
+def local_address_towards(url: str) -> str:
+    """This host's address on the route to ``url``'s host (a UDP "connect" sends nothing; it only picks the
+    source address), i.e. the address a worker there can reach us at."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    family = socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((parts.hostname, parts.port or 80))
+        return probe.getsockname()[0]
+
+
+def free_port_on(address: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address.strip("[]"), 0))
+        return sock.getsockname()[1]
+
+
+def worker_tp_size(info: dict | None, url: str) -> int:
+    """A worker's tensor-parallel size (its ranks in the update group), from ``/get_server_info``."""
+    if not info or not isinstance(info.get("tp_size"), int) or info["tp_size"] < 1:
+        raise SGLangError(f"{url}: /get_server_info gives no tp_size (needed to size the weight-update group)", url)
+    return info["tp_size"]
 
 
 def _tcp_url(host: str, port: int) -> str:

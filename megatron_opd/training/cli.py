@@ -94,6 +94,15 @@ FLAGS: dict[str, tuple[str, str, type | None, str]] = {
     "--sglang-unreachable-wait": ("engines", "sglang_unreachable_wait_s", None,
                                   "seconds to wait for an SGLang host that cannot be reached (logging which) "
                                   "before the run stops naming it; a relaunch resumes from the last checkpoint"),
+    "--weight-sync": ("engines", "weight_sync", None, "how SGLang workers get new weights: disk (safetensors "
+                      "in the run dir, a path every worker reads) or distributed (broadcast over a weight-update "
+                      "group: NCCL on GPUs, gloo on CPU hosts)"),
+    "--weight-sync-address": ("engines", "weight_sync_address", None, "--weight-sync distributed: address rank 0 "
+                              "hosts the update group on, reachable from every worker (default: its address on "
+                              "the route to the first worker)"),
+    "--weight-sync-port": ("engines", "weight_sync_port", None, "--weight-sync distributed: port (0: a free one)"),
+    "--weight-sync-backend": ("engines", "weight_sync_backend", None, "--weight-sync distributed: nccl or gloo "
+                              "(default: nccl with CUDA, else gloo)"),
     "--prompts-per-rollout": ("engines", "prompts_per_rollout", None, "prompts in one rollout batch"),
     "--samples-per-prompt": ("engines", "samples_per_prompt", None, "samples per prompt"),
     "--temperature": ("engines", "temperature", None, "rollout temperature"),

@@ -102,7 +102,9 @@ def _engines(cfg: OPDConfig, student: Student, tokenizer):
     if eng.rollout_url.startswith(("http://", "https://")):
         # SGLang reloads weights from HF safetensors on a path every server can read (the run dir).
         options = {"weight_sync_dir": str(Path(cfg.log.run_dir) / "weight_sync"), "worker_urls":
-                   eng.rollout_worker_urls, **waits}
+                   eng.rollout_worker_urls, "weight_sync": eng.weight_sync, **waits,
+                   "update_group": (eng.weight_sync_address or None, eng.weight_sync_port,
+                                    eng.weight_sync_backend or None)}
     rollout = build_rollout_engine(eng.rollout_url, hf_config=student.hf_config,
                                    vocab_size=student.vocab_size, seed=cfg.optim.seed, **options)
     teacher = build_teacher_engine(eng.teacher_url, model_dir=cfg.model.teacher_hf, vocab_size=student.vocab_size,

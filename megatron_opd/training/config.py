@@ -156,6 +156,16 @@ class EngineConfig:
     weight syncs and aborts directly (the router serves neither); empty: the --rollout-url servers."""
     sglang_timeout_s: float = 300.0
     sglang_unreachable_wait_s: float = 300.0
+    weight_sync: str = "disk"
+    """How SGLang workers get new weights: "disk" (HF safetensors in the run dir, which every worker must
+    read) or "distributed" (broadcast over a weight-update group: NCCL on GPUs, gloo on CPU hosts)."""
+    weight_sync_address: str = ""
+    """--weight-sync distributed: the address rank 0 hosts the update group on (default: its address on
+    the route to the first worker)."""
+    weight_sync_port: int = 0
+    """--weight-sync distributed: the group's port (0: a free one)."""
+    weight_sync_backend: str = ""
+    """--weight-sync distributed: "nccl" or "gloo" (default: nccl when CUDA is available, else gloo)."""
     max_staleness: int = 0
     """K: generate rollouts ahead while training, from weights at most K versions old (0: synchronous)."""
     rollout_threads: int = 0
@@ -172,6 +182,14 @@ class EngineConfig:
         _require(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens > 0, "--max-new-tokens must be > 0")
+        _require(self.weight_sync in ("disk", "distributed"),
+                 f"--weight-sync must be 'disk' or 'distributed', got {self.weight_sync!r}")
+        _require(self.weight_sync == "disk" or self.rollout_url.startswith(("http://", "https://")),
+                 "--weight-sync distributed needs SGLang --rollout-url (in-process engines share the weights)")
+        _require(self.weight_sync_backend in ("", "nccl", "gloo"),
+                 f"--weight-sync-backend must be 'nccl' or 'gloo', got {self.weight_sync_backend!r}")
+        _require(0 <= self.weight_sync_port < 65536, f"--weight-sync-port must be in [0, 65535], got "
+                 f"{self.weight_sync_port}")
         _require(self.max_staleness >= 0, f"--max-staleness must be >= 0, got {self.max_staleness}")
         _require(self.rollout_threads >= 0, f"--rollout-threads must be >= 0, got {self.rollout_threads}")
 

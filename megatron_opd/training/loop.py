@@ -119,6 +119,8 @@ def run_training(cfg: OPDConfig, state: ParallelState) -> dict:
         rollouts.close(abandon=True)  # the producer may wait in a collective of ranks that are gone
         raise
     rollouts.close()
+    if run.rollout_engine is not None:
+        run.rollout_engine.close()  # e.g. ends the weight-update group of --weight-sync distributed
     _maybe_export_hf(cfg, run, state)
     log.close()
     return metrics

@@ -156,6 +156,10 @@ def test_given_endpoints_and_extra_flags_pass_through():
     urls = "http://srv0:30001,http://srv0:30002"
     words = _torchrun_words(_plan(ROLLOUT_URLS=urls, TEACHER_URLS="http://srv1:31000", EXTRA_ARGS="--lr 3e-6"))
     assert _value(words, "--rollout-url") == urls and _value(words, "--teacher-url") == "http://srv1:31000"
+    assert "--weight-sync" not in words and "--rollout-worker-urls" not in words  # the trainer's defaults
+    words = _torchrun_words(_plan(ROLLOUT_URLS="http://router:30100", ROLLOUT_WORKER_URLS=urls,
+                                  TEACHER_URLS="http://srv1:31000", WEIGHT_SYNC="distributed"))
+    assert _value(words, "--rollout-worker-urls") == urls and _value(words, "--weight-sync") == "distributed"
     result = _run(LAUNCHER, "--seed", "7", env=_env(**ACCEPTANCE_ENV))
     words = _torchrun_words(result.stdout)
     assert words[-2:] == ["--seed", "7"]  # command-line flags come last, so they win

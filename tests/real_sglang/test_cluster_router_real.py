@@ -194,7 +194,9 @@ def train_command(hosts, run_dir: Path, train_iters: int, unreachable_wait_s: fl
              "--minibatches-per-rollout": 1, "--prompts-per-rollout": 2, "--samples-per-prompt": 2,
              "--micro-batch-size": 4, "--max-new-tokens": 24, "--train-iters": train_iters, "--lr": 1e-3,
              "--seed": 3, "--save": run_dir / "ckpt", "--save-interval": 1, "--run-dir": run_dir,
-             "--sglang-timeout": 30, "--sglang-unreachable-wait": unreachable_wait_s}
+             "--sglang-timeout": 30, "--sglang-unreachable-wait": unreachable_wait_s,
+             # the workers get weights over a gloo update group from host3 (no shared disk between hosts)
+             "--weight-sync": "distributed", "--save-hf": run_dir / "final_hf"}
     args = [str(a) for flag, value in flags.items() for a in (flag, value)]
     return [sys.executable, "-m", "megatron_opd.cli", "train", *args]
 
@@ -227,12 +229,16 @@ def metric_steps(run_dir: Path) -> list[int]:
 
 def test_trainer_through_router_waits_for_the_teacher_host_then_stops_past_its_deadline_and_resumes(
         hosts, tmp_path):
-    """``megatron-opd train`` on host3 with --rollout-url ROUTER --rollout-worker-urls W1,W2 and the teacher on
-    host2. (1) The teacher host is cut off when the run starts: the trainer logs that it waits for the
-    teacher's URL, continues when the link is back, and finishes step 2 with a checkpoint. (2) A longer
+    """``megatron-opd train`` on host3 with --rollout-url ROUTER --rollout-worker-urls W1,W2, the teacher on
+    host2 and --weight-sync distributed (a gloo group from host3 to both workers). (1) The teacher host is
+    cut off when the run starts: the trainer logs that it waits for the teacher's URL, continues when the
+    link is back, and finishes step 2 with a checkpoint. (2) A longer
     run (4 steps) resumes from it while the teacher host is cut off again: past --sglang-unreachable-wait
     it stops, naming the teacher's URL. (3) The same command again, link back: it resumes from step 2
-    and finishes; every step is trained once (metrics), and each worker holds the last synced weights."""
+    and finishes; every step is trained once (metrics), and each worker serves the final weights (version
+    v4, log-probs of an HF forward of the run's --save-hf export)."""
+    from transformers import AutoModelForCausalLM
+
     teacher = hosts.teacher.url
     run_dir = tmp_path / "run"
     hosts.net.link_down(TEACHER)
@@ -261,7 +267,12 @@ def test_trainer_through_router_waits_for_the_teacher_host_then_stops_past_its_d
     assert relaunched.returncode == 0, log[-4000:]
     assert metric_steps(run_dir) == [1, 2, 3, 4]
     versions = {url: hosts.call(served_version, url) for url in hosts.worker_urls}
-    assert len(set(versions.values())) == 1, versions
+    assert set(versions.values()) == {"v4"}, versions
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final_hf", dtype=torch.float32).eval()
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6, n=1, ignore_eos=True)
+    for url in hosts.worker_urls:
+        assert_served_by(final, hosts.call(SGLangRolloutEngine(url, max_retries=0).generate, PROMPTS, greedy))
+    assert not (run_dir / "weight_sync").exists(), "a distributed run wrote a disk export"
 
 
 # --- faults across hosts: every sample counted ------------------------------------------------------

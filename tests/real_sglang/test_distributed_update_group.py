@@ -94,10 +94,12 @@ def hf_token_logprobs(hf_dir, ids: list[int]) -> torch.Tensor:
 
 
 def test_update_from_distributed_loads_into_a_real_server(real_servers, tiny_hf_dir, tmp_path):
-    """The whole NCCL path on gloo through a real server's HTTP API: our client forms the group with
-    the server and broadcasts another model's weights; the server then computes with exactly them
-    (log-probs equal an HF forward of that model) and reports the new version. The original weights
-    go back the same way, in the same group (the shared session server is left as it was).
+    """The whole NCCL path on gloo through a real server's HTTP API, as the trainer's ``--weight-sync
+    distributed`` runs it (``update_distributed``): the client sizes the group from the server's tp_size,
+    forms it at its own address towards the server on a free port, broadcasts another model's weights;
+    the server then computes with exactly them (log-probs equal an HF forward of that model) and reports
+    the new version. The original weights go back the same way, in the same group (the shared session
+    server is left as it was).
 
     Before the fix: TypeError (no timeout), then no meeting (PrefixStore), then SGLang 0.5.23's
     answer 400 "must run between begin_weight_update() and end_weight_update()" while the trainer
@@ -119,11 +121,10 @@ def test_update_from_distributed_loads_into_a_real_server(real_servers, tiny_hf_
     ids = [5, 6, 7, 8, 9, 10, 11, 12]
     client = WeightSyncClient([server.url], RetryPolicy(timeout_s=120.0, connect_timeout_s=5.0, max_retries=0,
                                                          backoff_s=0.1))
-    group = client.init_update_group("127.0.0.1", free_port(), backend="gloo", timeout_s=120.0)
     try:
         for source, version in ((other, "dist-other"), (tiny_hf_dir, "dist-restored")):
-            named = sorted(load_file(str(Path(source) / "model.safetensors")).items())
-            assert client.update_from_distributed(named, group, weight_version=version) == version
+            weights = load_file(str(Path(source) / "model.safetensors"))
+            assert client.update_distributed(weights, weight_version=version, backend="gloo") == version
             with httpx.Client() as http:
                 assert http.get(server.url + "/model_info").json()["weight_version"] == version
             served, expected = served_logprobs(server.url, ids), hf_token_logprobs(source, ids)
@@ -131,4 +132,4 @@ def test_update_from_distributed_loads_into_a_real_server(real_servers, tiny_hf_
         moved = (hf_token_logprobs(other, ids) - hf_token_logprobs(tiny_hf_dir, ids)).abs().max()
         assert moved > 1e-2, "the two models must differ for this test to mean anything"
     finally:
-        torch.distributed.destroy_process_group(group)
+        client.close_update_group()

@@ -31,7 +31,8 @@ def test_flag_set_is_frozen():
         "--instruction", "--run-dir", "--log-interval", "--eval-interval", "--eval-benchmarks", "--eval-n",
         "--tensorboard", "--wandb-project", "--max-bad-steps", "--progress", "--expert-model-parallel-size",
         "--expert-tensor-parallel-size", "--moe-aux-loss-coeff", "--moe-router-dtype", "--moe-token-dispatcher-type",
-        "--max-staleness", "--rollout-threads", "--is-cap"}
+        "--max-staleness", "--rollout-threads", "--is-cap", "--weight-sync", "--weight-sync-address",
+        "--weight-sync-port", "--weight-sync-backend"}
     assert set(FROZEN_FLAGS) == expected
 
 
@@ -92,6 +93,11 @@ def test_flags_fill_the_sections():
     (["--rollout-worker-urls", "http://198.18.0.11:30000"], "--rollout-worker-urls"),  # needs an SGLang --rollout-url
     (["--sglang-timeout", "0"], "--sglang-timeout"),
     (["--sglang-unreachable-wait", "-1"], "--sglang-unreachable-wait"),
+    (["--weight-sync", "nccl"], "--weight-sync"),
+    (["--weight-sync", "distributed"], "--weight-sync distributed"),  # in-process engines have nothing to sync
+    (["--rollout-url", "http://127.0.0.1:1", "--weight-sync", "distributed", "--weight-sync-backend", "mpi"],
+     "--weight-sync-backend"),
+    (["--rollout-url", "http://127.0.0.1:1", "--weight-sync-port", "70000"], "--weight-sync-port"),
 ])
 def test_invalid_settings_name_the_flag(extra, flag):
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-")):
@@ -165,6 +171,16 @@ def test_max_staleness_flags_and_their_conflicts():
         parse_config(BASE + ["--max-staleness", "1", "--eval-interval", "2", "--eval-benchmarks", "toy"])
     with pytest.raises(ConfigError, match="sft has no rollouts"):
         parse_config(BASE + ["--objective", "sft", "--max-staleness", "1"])
+
+
+def test_distributed_weight_sync_flags_reach_the_engine_options():
+    cfg = parse_config(BASE + ["--rollout-url", "http://198.18.0.11:30000", "--weight-sync", "distributed",
+                               "--weight-sync-address", "198.18.0.14", "--weight-sync-port", "29650",
+                               "--weight-sync-backend", "gloo"])
+    eng = cfg.engines
+    assert (eng.weight_sync, eng.weight_sync_address, eng.weight_sync_port, eng.weight_sync_backend) == (
+        "distributed", "198.18.0.14", 29650, "gloo")
+    assert parse_config(BASE).engines.weight_sync == "disk"
 
 
 def test_chunked_head_is_the_default_and_can_be_turned_off(tmp_path):
