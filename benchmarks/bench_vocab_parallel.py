@@ -32,11 +32,9 @@ def _rss_bytes() -> int:
 
 
 def _available_bytes() -> int:
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _inputs(torch, tokens, vocab_local, vocab, topk, dtype, rank):

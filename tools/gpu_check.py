@@ -565,7 +565,7 @@ def section_throughput_mfu(check: Check, args, device: torch.device, workdir: Pa
                  f"process-group timeouts {timeouts} != {state.config.distributed_timeout_minutes} min")
     student, loss = _build_opd_student(workdir, sizes, state, device)
     exp = _opd_experience(sizes.bench_tokens, sizes.bench_model["vocab_size"])
-    times, losses, step_time, result = _timed_train_steps(student, loss, exp, state, device, sizes)
+    times, losses, step_time, _ = _timed_train_steps(student, loss, exp, state, device, sizes)
     flops = model_flops_per_step(sizes.bench_model, sizes.bench_tokens)
     achieved = flops["total_flops"] / step_time
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

@@ -42,13 +42,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _parent_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    import psutil
+
+    return psutil.pid_exists(pid)
 
 
 def _wait_for_job(queue_dir: Path, index: int, parent_pid: int) -> dict | None:
