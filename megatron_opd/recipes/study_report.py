@@ -165,6 +165,64 @@ def _update_table(data: dict, key: str, label: str) -> str:
     return "\n".join(rows) + "\n"
 
 
+STALENESS_NAME = re.compile(r"^(?P<base>.+) K=(?P<k>\d+)$")
+
+
+def _by_staleness(data: dict) -> dict[str, dict[int, str]]:
+    """{base: {K: variant name}} for variants named "<base> K=<k>" (the async preset); empty unless some
+    base was run at two or more K."""
+    groups: dict[str, dict[int, str]] = {}
+    for name in data["results"]:
+        match = STALENESS_NAME.match(name)
+        if match:
+            groups.setdefault(match["base"], {})[int(match["k"])] = name
+    return groups if any(len(ks) > 1 for ks in groups.values()) else {}
+
+
+def _update_mean(runs: dict, key: str, update: int | None = None) -> float | None:
+    """Mean over seeds of ``key`` at one update index (None: averaged over the updates first)."""
+    per_update = _mean_over_seeds(runs, key)
+    if not per_update:
+        return None
+    if update is not None:
+        return per_update.get(update)
+    return sum(per_update.values()) / len(per_update)
+
+
+def _staleness_tables(data: dict) -> str:
+    groups = _by_staleness(data)
+    if not groups:
+        return ""
+    ks = sorted({k for per in groups.values() for k in per})
+    head = "| variant | " + " | ".join(f"K={k}" for k in ks) + " |\n|---|" + "---:|" * len(ks)
+    n, out = data["n"], []
+
+    def table(title: str, cell) -> None:
+        rows = [f"| {base} | " + " | ".join(cell(data["results"][per[k]]) if k in per else "—" for k in ks) + " |"
+                for base, per in groups.items()]
+        out.append(f"**{title}**\n\n{head}\n" + "\n".join(rows) + "\n")
+
+    def score(metric: str):
+        def cell(runs: dict) -> str:
+            values = list(_scores(runs, metric).values())
+            return format_interval(t_interval(values)) if values else "—"
+        return cell
+
+    def stat(key: str, update: int | None = None):
+        def cell(runs: dict) -> str:
+            value = _update_mean(runs, key, update)
+            return "—" if value is None else f"{value:.4f}"
+        return cell
+
+    table(f"test pass@{n} (mean ± 95% t-interval over seeds)", score(f"pass@{n}"))
+    table("test pass@1", score("pass@1"))
+    table("mean |δ| on the first update of a batch (u0: the staleness alone; 0 at K = 0)", stat("abs_drift_mean", 0))
+    table("mean |δ| over the updates of a batch", stat("abs_drift_mean"))
+    table("std ĝ over the updates of a batch (gated variants)", stat("gate_std"))
+    table("min ĝ over the updates of a batch (gated variants)", stat("gate_min"))
+    return "\n".join(out)
+
+
 def _sweep_table(data: dict) -> str:
     sweep, n = data.get("sweep"), data["n"]
     if not sweep:
@@ -217,6 +275,9 @@ def format_study(data: dict, title: str) -> str:
     missing = _missing(data) if data["results"] else []
     if missing:
         parts += ["**Missing or failed:** " + "; ".join(missing) + "\n"]
+    staleness = _staleness_tables(data)
+    if staleness:
+        parts += ["## By staleness K\n", staleness]
     for key, label in (("abs_drift_mean", "mean |δ| by update index"), ("gate_std", "std ĝ by update index"),
                        ("gate_min", "min ĝ by update index")):
         table = _update_table(data, key, label)
@@ -278,8 +339,36 @@ def plot_gates(data: dict, path: Path) -> Path | None:
                 ax.plot(list(values), list(values.values()), marker=".", label=name, color=colours[name])
         ax.set_xlabel("update index within a rollout")
         ax.set_title(label, fontsize="medium")
+    for ax in axes[:2]:
+        if ax.get_legend_handles_labels()[0]:  # ungated studies draw no gate series
+            ax.legend(fontsize="x-small")
+    return _save(fig, path, plt)
+
+
+def plot_staleness(data: dict, path: Path) -> Path | None:
+    """Test pass@n and mean |δ| against the staleness K, one line per "<base>" of "<base> K=<k>" variants."""
+    groups = _by_staleness(data)
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10.0, 3.8))
+    metric = f"pass@{data['n']}"
+    for i, (base, per) in enumerate(groups.items()):
+        ks = sorted(per)
+        stats = [t_interval(list(_scores(data["results"][per[k]], metric).values())) for k in ks]
+        done = [(k, s) for k, s in zip(ks, stats) if s["n"]]
+        axes[0].errorbar([k + 0.04 * (i - len(groups) / 2) for k, _ in done], [s["mean"] for _, s in done],
+                         yerr=[s["half_width"] if s["n"] > 1 else 0.0 for _, s in done], marker="o", capsize=3,
+                         label=base, color=f"C{i}")
+        drift = [(k, _update_mean(data["results"][per[k]], "abs_drift_mean")) for k in ks]
+        drift = [(k, v) for k, v in drift if v is not None]
+        if drift:
+            axes[1].plot([k for k, _ in drift], [v for _, v in drift], marker="o", label=base, color=f"C{i}")
+    axes[0].set_ylabel(f"test {metric} (mean ± 95% t-interval)")
+    axes[1].set_ylabel("mean |δ| over the updates of a batch")
+    for ax in axes:
+        ax.set_xlabel("max staleness K (weight versions)")
     axes[0].legend(fontsize="x-small")
-    axes[1].legend(fontsize="x-small")
     return _save(fig, path, plt)
 
 
@@ -355,7 +444,8 @@ def write_study_report(data: dict, out_dir: Path, name: str = "variants", title:
     paths = {"markdown": out_dir / f"{name}.md", "json": out_dir / f"{name}.json"}
     plots = {"curves": plot_curves(data, out_dir / f"{name}_curves.png"),
              "gates": plot_gates(data, out_dir / f"{name}_gates.png"),
-             "test": plot_test(data, out_dir / f"{name}_test.png")}
+             "test": plot_test(data, out_dir / f"{name}_test.png"),
+             "staleness": plot_staleness(data, out_dir / f"{name}_staleness.png")}
     paths.update({k: v for k, v in plots.items() if v is not None})
     images = "".join(f"![{k}]({v.name})\n" for k, v in plots.items() if v is not None)
     paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import shutil
 import threading
@@ -25,6 +26,8 @@ import httpx
 import torch
 
 from megatron_opd.rollout.sglang_http import RetryPolicy, SGLangError, error_message, run_sync
+
+logger = logging.getLogger(__name__)
 
 VERSION_ENDPOINTS = ("/model_info", "/get_weight_version", "/get_model_info")
 KEEP_SYNC_DIRS = 2
@@ -226,9 +229,22 @@ class WeightSyncClient:
         return version
 
     def close_update_group(self) -> None:
-        if self.update_group is not None:
-            torch.distributed.destroy_process_group(self.update_group)
-            self.update_group = None
+        """Ends the group on every worker (best effort: a worker that is gone keeps nothing) and here."""
+        if self.update_group is None:
+            return
+
+        async def destroy_all():
+            async with self._client() as client:
+                return await asyncio.gather(*(client.post(u + "/destroy_weights_update_group",
+                                                          json={"group_name": self.update_group_name})
+                                              for u in self.urls), return_exceptions=True)
+
+        for url, answer in zip(self.urls, run_sync(destroy_all())):
+            if isinstance(answer, BaseException) or answer.status_code != 200:
+                logger.warning("%s: /destroy_weights_update_group failed (%s); the worker keeps the group",
+                               url, answer if isinstance(answer, BaseException) else error_message(answer))
+        torch.distributed.destroy_process_group(self.update_group)
+        self.update_group = None
 
     def init_update_group(self, master_address: str, master_port: int, group_name: str | None = None,
                           backend: str = "nccl", worker_tp_sizes: list[int] | None = None,

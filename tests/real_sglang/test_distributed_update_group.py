@@ -98,8 +98,8 @@ def test_update_from_distributed_loads_into_a_real_server(real_servers, tiny_hf_
     distributed`` runs it (``update_distributed``): the client sizes the group from the server's tp_size,
     forms it at its own address towards the server on a free port, broadcasts another model's weights;
     the server then computes with exactly them (log-probs equal an HF forward of that model) and reports
-    the new version. The original weights go back the same way, in the same group (the shared session
-    server is left as it was).
+    the new version. The original weights go back the same way, in the same group, and closing the group
+    ends it on the server too (the shared session server is left as it was).
 
     Before the fix: TypeError (no timeout), then no meeting (PrefixStore), then SGLang 0.5.23's
     answer 400 "must run between begin_weight_update() and end_weight_update()" while the trainer
@@ -132,4 +132,8 @@ def test_update_from_distributed_loads_into_a_real_server(real_servers, tiny_hf_
         moved = (hf_token_logprobs(other, ids) - hf_token_logprobs(tiny_hf_dir, ids)).abs().max()
         assert moved > 1e-2, "the two models must differ for this test to mean anything"
     finally:
+        name = client.update_group_name
         client.close_update_group()
+    # the server's side of the group went with ours: destroying it again finds nothing
+    again = httpx.post(server.url + "/destroy_weights_update_group", json={"group_name": name}, timeout=30).json()
+    assert again == {"success": False, "message": "The group to be destroyed does not exist."}

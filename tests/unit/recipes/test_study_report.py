@@ -113,3 +113,30 @@ def test_report_names_no_absolute_paths_of_the_machine(tmp_path):
     assert "- Student: `megatron_opd/recipes/assets/chain/student`" in markdown
     record = json.loads(paths["json"].read_text())
     assert record["results"]["LSM"]["1"]["run_dir"] == "WORKDIR/runs/ab12/seed1" and "places" not in record
+
+
+def test_staleness_tables_pivot_the_async_variants_by_k(tmp_path):
+    """Variants named "<base> K=<k>" get tables by K: scores over seeds, |δ| at u0 (the staleness alone) and
+    averaged over the updates, by hand; and a staleness plot. A study without K in its names gets neither."""
+    def run(p8, drifts):
+        return {"test": {"pass@1": p8 / 2, "pass@8": p8}, "wall_s": 1.0, "lr": 1e-3,
+                "update_stats": {"abs_drift_mean": {str(u): d for u, d in enumerate(drifts)}}}
+
+    results = {"LSM K=0": {"1": run(0.5, [0.0, 0.2]), "2": run(0.7, [0.0, 0.4])},
+               "LSM K=2": {"1": run(0.3, [0.6, 0.8]), "2": run(0.5, [0.2, 0.4])},
+               "LSM + TIS K=2": {"1": run(0.4, [0.1, 0.1])}}
+    data = {**_study(), "results": results, "pairs": [],
+            "variants": [{"name": n, "flags": {"--objective": "lsm"}} for n in results]}
+    text = format_study(data, "t")
+    section = text.split("## By staleness K\n")[1]
+    half = 12.7062047 * math.sqrt(0.02) / math.sqrt(2)  # t_{0.975, 1} · s / √2, s² = 0.02
+    assert f"| LSM | 0.600 ± {half:.3f} | 0.400 ± {half:.3f} |" in section
+    assert "| LSM + TIS | — | 0.400 (n=1, no CI) |" in section
+    u0 = section.split("mean |δ| on the first update")[1]
+    assert "| LSM | 0.0000 | 0.4000 |" in u0.split("**")[1]  # u0 mean over seeds: (0.6 + 0.2) / 2
+    over = section.split("mean |δ| over the updates")[1]
+    assert "| LSM | 0.1500 | 0.5000 |" in over.split("**")[1]  # (0 + 0.3) / 2 and (0.4 + 0.6) / 2
+    paths = write_study_report(data, tmp_path, name="s", title="t")
+    assert paths["staleness"].stat().st_size > 0
+    assert "By staleness" not in format_study(_study(), "t")
+    assert "staleness" not in write_study_report(_study(), tmp_path / "plain", name="p", title="t")
