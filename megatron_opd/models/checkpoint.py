@@ -20,12 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_opd.models.optimizer_state import load_optimizer_state, sharded_optimizer_state
 from megatron_opd.models.weights import unwrap
 
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = "megatron_opd_checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed like the model's parameters (models/optimizer_state.py)
 
 
 def _chunk_key(i: int) -> str:
@@ -76,9 +77,12 @@ def _rng_sharded_object(model_chunks: list, data):
                          replica_id=first.pg_collection.dp_cp.rank())
 
 
-def _build_state(model_chunks, optimizer, opt_param_scheduler, extra_state, rng: bool, loading: bool) -> dict:
+def _build_state(model_chunks, optimizer, opt_param_scheduler, extra_state, rng: bool, loading: bool,
+                 format_version: int = FORMAT_VERSION) -> dict:
     state = _model_sharded_state_dict(model_chunks)
-    if optimizer is not None:
+    if optimizer is not None and format_version >= 2:
+        state["optimizer"] = sharded_optimizer_state(state, optimizer)
+    elif optimizer is not None:  # format 1: Megatron's own layout, tied to the optimizer structure (EP)
         state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=loading)
     if opt_param_scheduler is not None:
         state["opt_param_scheduler"] = opt_param_scheduler.state_dict()
@@ -146,11 +150,13 @@ def _check_layout(saved: dict, current: dict, ckpt_dir: Path) -> bool:
     return saved["tp"] == current["tp"] and saved["pp"] == current["pp"] and saved.get("ep", 1) == current["ep"]
 
 
-def _optimizer_reshardable(saved: dict, current: dict, ckpt_dir: Path, optimizer) -> bool:
-    """Megatron-Core 0.16.1 gives a MoE student at EP > 1 a ChainedOptimizer (dense and expert parameters
-    apart) and one optimizer at EP = 1; their checkpointed state is structured differently, so Adam's state
-    does not survive a change of EP. The weights do (they reshard); the optimizer then starts fresh."""
-    if optimizer is None or saved.get("ep", 1) == current["ep"]:
+def _optimizer_reshardable(marker: dict, current: dict, ckpt_dir: Path, optimizer) -> bool:
+    """A format-1 checkpoint holds Megatron's own optimizer layout: a MoE student at EP > 1 has a
+    ChainedOptimizer (dense and expert parameters apart) and one optimizer at EP = 1, so that state does
+    not survive a change of EP. The weights do (they reshard); the optimizer then starts fresh. Format 2
+    stores the state per parameter key and loads at any layout."""
+    saved = marker["layout"]
+    if optimizer is None or marker.get("format_version", 1) >= 2 or saved.get("ep", 1) == current["ep"]:
         return True
     if dist.get_rank() == 0:
         logger.warning("%s: saved at expert_model_parallel_size=%d, loading at %d: weights and scheduler are "
@@ -213,8 +219,8 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
                     load_rng: bool = True) -> dict:
     """Load a ``save_checkpoint`` directory into ``model_chunks`` (any TP/PP/VPP layout); return extra_state.
 
-    RNG state is restored only when the checkpoint's TP, PP and EP sizes match the current ones; the
-    optimizer state only when EP matches (see ``_optimizer_reshardable``).
+    RNG state is restored only when the checkpoint's TP, PP and EP sizes match the current ones. The
+    optimizer state reshards like the weights (format 2; a format-1 checkpoint's only when EP matches).
     Collective: every rank calls it.
     """
     from megatron.core import dist_checkpointing
@@ -222,12 +228,14 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
     ckpt_dir = Path(ckpt_dir)
     marker = read_checkpoint_marker(ckpt_dir)
     same_layout = _check_layout(marker["layout"], _layout(model_chunks), ckpt_dir)
-    if not _optimizer_reshardable(marker["layout"], _layout(model_chunks), ckpt_dir, optimizer):
+    if not _optimizer_reshardable(marker, _layout(model_chunks), ckpt_dir, optimizer):
         optimizer = None
+    format_version = marker.get("format_version", 1)
     rng = load_rng and marker.get("rng_state", False) and same_layout
     if load_rng and marker.get("rng_state") and not same_layout and dist.get_rank() == 0:
         logger.warning("%s: RNG state saved at another TP/PP layout; not restored", ckpt_dir)
-    template = _build_state(model_chunks, optimizer, opt_param_scheduler, None, rng, loading=True)
+    template = _build_state(model_chunks, optimizer, opt_param_scheduler, None, rng, loading=True,
+                            format_version=format_version)
     template.pop("extra_state")
     _check_model_tensors(template, len(model_chunks), ckpt_dir)
     kept = _keep_absent_extra_states(template, len(model_chunks), ckpt_dir)
@@ -237,7 +245,9 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
     loaded = dist_checkpointing.load(template, str(ckpt_dir))  # collective over all ranks
     for i, chunk in enumerate(model_chunks):
         unwrap(chunk).load_state_dict(loaded[_chunk_key(i)], strict=True)
-    if optimizer is not None:
+    if optimizer is not None and format_version >= 2:
+        load_optimizer_state(optimizer, loaded["optimizer"])
+    elif optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if opt_param_scheduler is not None:
         opt_param_scheduler.load_state_dict(loaded["opt_param_scheduler"])

@@ -103,7 +103,8 @@ def write_tiny_qwen3_checkpoint(directory: str | Path, *, tokenizer=None, seed: 
     vocabulary of its own size. SGLang and the trainer load it as
     they would a real Qwen3 directory. ``moe`` (e.g. ``{"num_experts": 8, "num_experts_per_tok": 2}``) makes it
     a Qwen3-MoE (``models.tiny.tiny_qwen3_moe_config``); SGLang 0.5.23's Qwen3-MoE ignores
-    ``tie_word_embeddings`` (its lm_head is never tied), so give MoE checkpoints for SGLang untied embeddings.
+    ``tie_word_embeddings`` (its lm_head is never tied), so it serves a tied MoE directory written here with
+    a wrong head until the trainer's first weight sync (whose export carries the head).
     """
     from transformers import GenerationConfig
 

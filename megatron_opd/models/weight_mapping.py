@@ -252,13 +252,17 @@ def hf_to_megatron_state_dict(hf_state_dict: dict, hf_config, padded_vocab: int 
 
 def megatron_to_hf_state_dict(mg_state_dict: dict, hf_config) -> dict:
     """Full canonical Megatron state dict → HF Qwen3 / Qwen3-MoE state dict in the on-disk layout (vocab
-    padding removed; no lm_head if tied)."""
+    padding removed). A tied dense model gets no lm_head; a tied MoE model gets a copy of the embedding as
+    lm_head, because SGLang 0.5.23's Qwen3-MoE ignores ``tie_word_embeddings`` and would otherwise serve (or
+    keep, across a weight sync) an lm_head that is not the embedding."""
     vocab = hf_config.vocab_size
     _require(mg_state_dict, "embedding.word_embeddings.weight")
     out = {"model.embed_tokens.weight": mg_state_dict["embedding.word_embeddings.weight"][:vocab],
            "model.norm.weight": _require(mg_state_dict, "decoder.final_layernorm.weight")}
     if not hf_config.tie_word_embeddings:
         out["lm_head.weight"] = _require(mg_state_dict, "output_layer.weight")[:vocab]
+    elif getattr(hf_config, "num_experts", None):
+        out["lm_head.weight"] = out["model.embed_tokens.weight"].clone()
     for i in range(hf_config.num_hidden_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
         for hf_key, mg_key in _DIRECT_LAYER_KEYS.items():

@@ -1,9 +1,10 @@
 """Checkpoint/resume of a Qwen3-MoE student (EP=2 on 2 ranks): a kill -9 in the middle of the step-4 save
 resumes from the step-2 checkpoint bit-exactly (final weights equal an uninterrupted run's), and the same
-step-2 checkpoint resumes at EP=1 (experts resharded from 2 ranks to every rank): the step-3 loss (restored
-weights, same batch) equals the straight run's to float rounding. Adam's state does not cross an EP change
-(Megatron chains a separate expert optimizer at EP > 1; see ``models.checkpoint._optimizer_reshardable``),
-so step 4 is not compared."""
+step-2 checkpoint resumes at EP=1 (experts resharded from 2 ranks to every rank, Adam's state with them:
+``models/optimizer_state.py``): the step-3 loss (restored weights, same batch) and the step-4 loss (after
+an Adam step from the restored moments) equal the straight run's to float rounding. Without the resharded
+optimizer state (checkpoint format 1: Megatron chains a separate expert optimizer at EP > 1) step 4 differs
+by ~15%."""
 
 import pytest
 from conftest import read_metrics
@@ -39,6 +40,7 @@ def test_moe_kill9_resume_is_bit_exact_and_reshards_to_ep1(moe_flags, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_identical(hf_tensors(tmp_path / "hf0"), hf_tensors(tmp_path / "hf1"))
     reference, resharded = _losses(tmp_path / "straight"), _losses(tmp_path / "ep1")
-    assert sorted(resharded) == [3, 4] and "optimizer state is not" in ep1.stderr
-    assert resharded[3] == pytest.approx(reference[3], rel=1e-5, abs=1e-7), (resharded, reference)
-    print(f"step-3 loss straight {reference[3]!r} vs resumed at EP=1 {resharded[3]!r}")
+    assert sorted(resharded) == [3, 4] and "optimizer state is not" not in ep1.stderr
+    for step in (3, 4):
+        assert resharded[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-7), (step, resharded, reference)
+        print(f"step-{step} loss straight {reference[step]!r} vs resumed at EP=1 {resharded[step]!r}")

@@ -1,15 +1,20 @@
 """A Qwen3-MoE student trained at EP=2 against real SGLang 0.5.23 servers on CPU, with the real Qwen3 vocabulary.
 
-The student server serves a tiny random Qwen3-MoE (8 experts, top-2, norm_topk_prob, untied embeddings:
-SGLang's Qwen3-MoE never ties its lm_head) through SGLang's CPU MoE path; the teacher is a tiny dense Qwen3,
-in-process (the dense real-SGLang test covers an SGLang teacher; one server fewer keeps the suite short).
-``megatron-opd train`` (2 ranks, EP=2) runs LSM + Block64 with rollout reuse for 4 steps, syncing weights to
-the student server through disk before the first rollout and after it. Checked:
+The student server serves a tiny random Qwen3-MoE (8 experts, top-2, norm_topk_prob) with *tied* embeddings
+through SGLang's CPU MoE path. SGLang's Qwen3-MoE ignores ``tie_word_embeddings`` (it serves its own lm_head),
+so the trainer's export carries the embedding as lm_head (``models.weight_mapping``); without that copy the
+server keeps a wrong lm_head across every weight sync. The teacher of the run is a tiny dense Qwen3,
+in-process (the dense real-SGLang test covers an SGLang teacher; one server fewer keeps the suite short);
+the MoE server is then scored *as a teacher* after the run. ``megatron-opd train`` (2 ranks, EP=2) runs
+LSM + Block64 with rollout reuse for 4 steps, syncing weights to the student server through disk before the
+first rollout and after it. Checked:
 
 - the rollout log-probs the server returned equal the trainer's recompute at the rollout's first update
   (the MoE train-inference mismatch; fp32 server, tolerance ``LOGPROB_ATOL``);
 - after the last sync the server's log-probs of fixed sequences equal an HF forward of the trainer's
-  exported weights, and differ from the initial ones; the weight version advanced once per sync.
+  exported weights, and differ from the initial ones; the weight version advanced once per sync;
+- teacher scoring of the MoE server (sampled-token and top-K log-probs through ``build_teacher_engine``)
+  equals an HF fp32 forward of the exported weights.
 """
 
 import json
@@ -26,6 +31,7 @@ from test_trainer_real_sglang import (
     LOGPROB_ATOL,
     MATH_TRAIN,
     SERVER_ARGS,
+    TOPK,
     TRAIN_FLAGS,
     VersionWatcher,
     hf_logprobs,
@@ -33,7 +39,11 @@ from test_trainer_real_sglang import (
     server_logprobs,
 )
 
-from megatron_opd.models.qwen3_vocab import build_qwen3_tokenizer, write_tiny_qwen3_checkpoint
+from megatron_opd.models.qwen3_vocab import (
+    QWEN3_VOCAB_SIZE,
+    build_qwen3_tokenizer,
+    write_tiny_qwen3_checkpoint,
+)
 from megatron_opd.platform.spawn import free_port
 
 MOE = {"num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "moe_intermediate_size": 32}
@@ -44,7 +54,7 @@ def moe_run(sglang_python, tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen3_moe_real_vocab")
     tokenizer = build_qwen3_tokenizer()
     student = write_tiny_qwen3_checkpoint(root / "student", tokenizer=tokenizer, seed=21, moe=MOE,
-                                          tie_word_embeddings=False)
+                                          tie_word_embeddings=True)
     teacher = write_tiny_qwen3_checkpoint(root / "teacher", tokenizer=tokenizer, seed=22)
     data = root / "math.jsonl"
     data.write_text("".join(json.dumps({"problem": r["problem"], "answer": r["answer"]}) + "\n"
@@ -102,3 +112,21 @@ def test_moe_server_holds_the_trainers_weights_after_sync(moe_run):
         moved = (got - before[idx, r]).abs().max().item()
         print(f"MoE server vs exported weights: {gap:.3g}; moved {moved:.3g}")
         assert gap <= LOGPROB_ATOL and moved > 100 * LOGPROB_ATOL
+
+
+def test_moe_server_scores_as_a_teacher_like_hf(moe_run):
+    from megatron_opd.teacher import build_teacher_engine
+
+    tokenizer = moe_run["tokenizer"]
+    prompt = tokenizer("Compute 7*6.")["input_ids"]
+    response = tokenizer("7*6 = 42, so \\boxed{42}")["input_ids"] + [tokenizer.eos_token_id]
+    score = build_teacher_engine(moe_run["url"], vocab_size=QWEN3_VOCAB_SIZE).score([prompt], [response], top_k=TOPK)[0]
+    # fp32: transformers' grouped expert matmul has no fp64 kernel
+    reference = hf_logprobs(moe_run["run_dir"] / "final_hf", [(prompt, response)])[0]
+    sampled_gap = (score.token_logprobs - reference[torch.arange(len(response)), response]).abs().max()
+    topk_gap = max((score.topk_logprobs[t] - reference[t, score.topk_ids[t]]).abs().max() for t in range(len(response)))
+    ref_kth = reference.topk(TOPK, dim=-1).values[:, -1]
+    print(f"MoE teacher scoring vs HF fp32: sampled {sampled_gap:.3g}, top-{TOPK} {topk_gap:.3g}")
+    assert sampled_gap <= LOGPROB_ATOL and topk_gap <= LOGPROB_ATOL
+    for t in range(len(response)):  # the server's ids are a top-K of HF's (ties within tolerance aside)
+        assert score.topk_logprobs[t].min() >= ref_kth[t] - LOGPROB_ATOL, t

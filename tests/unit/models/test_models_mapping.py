@@ -101,3 +101,21 @@ def test_causal_mask_masks_the_future():
     mask = causal_attention_mask(4)
     assert mask.shape == (1, 1, 4, 4) and mask.dtype == torch.bool
     assert torch.equal(mask[0, 0], torch.ones(4, 4).triu(1).bool())
+
+
+def test_tied_moe_export_carries_lm_head_as_a_copy_of_the_embedding():
+    """SGLang 0.5.23's Qwen3-MoE ignores tie_word_embeddings: an export without lm_head is served (and kept
+    across a disk weight sync) with an lm_head that is not the embedding. The export writes the copy; it
+    maps back to the same Megatron tensors (the copy is ignored on the way in)."""
+    from megatron_opd.models.tiny import tiny_qwen3_moe_config, tiny_qwen3_moe_model
+    from megatron_opd.models.weight_mapping import split_fused_experts
+
+    cfg = tiny_qwen3_moe_config(tie_word_embeddings=True)
+    hf = split_fused_experts(tiny_qwen3_moe_model(cfg).state_dict())
+    mg = hf_to_megatron_state_dict(hf, cfg, padded_vocab=128)
+    back = megatron_to_hf_state_dict(mg, cfg)
+    assert torch.equal(back["lm_head.weight"], hf["model.embed_tokens.weight"])
+    assert back["lm_head.weight"].data_ptr() != back["model.embed_tokens.weight"].data_ptr()  # safetensors: no shared storage
+    check_hf_state_dict(back, cfg)
+    again = hf_to_megatron_state_dict(back, cfg, padded_vocab=128)
+    assert set(again) == set(mg) and all(torch.equal(again[k], mg[k]) for k in mg)
