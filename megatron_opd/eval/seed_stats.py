@@ -92,10 +92,18 @@ def format_interval(stats: dict, digits: int = 3, signed: bool = False) -> str:
     return f"{mean} ± {stats['half_width']:.{digits}f}"
 
 
+def all_equal(diff: dict) -> bool:
+    """Every paired difference the same (e.g. two seeds that moved pass@8 by the same 1/128): the t-interval
+    then has zero width, which is no evidence either way."""
+    return diff["n"] >= 2 and diff["std"] <= 1e-12
+
+
 def verdict(diff: dict) -> str:
     """Plain words for a paired difference: which side its 95% interval excludes zero on, if any."""
     if diff["n"] < 2:
         return "one seed: no verdict"
+    if all_equal(diff):
+        return f"all {diff['n']} paired differences equal: no verdict"
     if diff["ci_low"] > 0:
         return "better (CI excludes 0)"
     if diff["ci_high"] < 0:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 import megatron_opd
-from megatron_opd.eval.seed_stats import format_interval, paired_difference, t_interval, verdict
+from megatron_opd.eval.seed_stats import all_equal, format_interval, paired_difference, t_interval, verdict
 from megatron_opd.recipes.presets import PRESETS, SFT_CONTROL, default_pairs
 
 # Reports name paths inside this checkout relative to it, and the study's own directories by
@@ -133,6 +133,8 @@ def conclusion_lines(data: dict) -> list[str]:
         name, reference = row["pair"].split(" − ")
         if diff["n"] < 2:
             answer = "cannot say yet (one common seed)"
+        elif all_equal(diff):
+            answer = f"cannot say (the {diff['n']} paired differences are all equal)"
         elif diff["ci_low"] > 0:
             answer = "**yes**"
         elif diff["ci_high"] < 0:

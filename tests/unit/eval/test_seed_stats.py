@@ -68,6 +68,7 @@ def test_paired_difference_uses_common_seeds_and_is_tighter():
     assert verdict(diff) == "better (CI excludes 0)"
     assert verdict(paired_difference(base, gated)) == "worse (CI excludes 0)"
     assert verdict(paired_difference({1: 0.1, 2: 0.3}, {1: 0.2, 2: 0.2})) == "no detectable difference (CI contains 0)"
+    assert verdict(paired_difference({1: 0.5, 2: 0.75}, {1: 0.25, 2: 0.5})) == "all 2 paired differences equal: no verdict"
 
 
 def test_bad_input_names_the_problem():
