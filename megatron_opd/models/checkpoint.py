@@ -150,13 +150,12 @@ def _check_layout(saved: dict, current: dict, ckpt_dir: Path) -> bool:
     return saved["tp"] == current["tp"] and saved["pp"] == current["pp"] and saved.get("ep", 1) == current["ep"]
 
 
-def _optimizer_reshardable(marker: dict, current: dict, ckpt_dir: Path, optimizer) -> bool:
+def _optimizer_reshardable(format_version: int, saved: dict, current: dict, ckpt_dir: Path, optimizer) -> bool:
     """A format-1 checkpoint holds Megatron's own optimizer layout: a MoE student at EP > 1 has a
     ChainedOptimizer (dense and expert parameters apart) and one optimizer at EP = 1, so that state does
     not survive a change of EP. The weights do (they reshard); the optimizer then starts fresh. Format 2
     stores the state per parameter key and loads at any layout."""
-    saved = marker["layout"]
-    if optimizer is None or marker.get("format_version", 1) >= 2 or saved.get("ep", 1) == current["ep"]:
+    if optimizer is None or format_version >= 2 or saved.get("ep", 1) == current["ep"]:
         return True
     if dist.get_rank() == 0:
         logger.warning("%s: saved at expert_model_parallel_size=%d, loading at %d: weights and scheduler are "
@@ -228,9 +227,9 @@ def load_checkpoint(ckpt_dir, model_chunks: list, optimizer=None, opt_param_sche
     ckpt_dir = Path(ckpt_dir)
     marker = read_checkpoint_marker(ckpt_dir)
     same_layout = _check_layout(marker["layout"], _layout(model_chunks), ckpt_dir)
-    if not _optimizer_reshardable(marker, _layout(model_chunks), ckpt_dir, optimizer):
-        optimizer = None
     format_version = marker.get("format_version", 1)
+    if not _optimizer_reshardable(format_version, marker["layout"], _layout(model_chunks), ckpt_dir, optimizer):
+        optimizer = None
     rng = load_rng and marker.get("rng_state", False) and same_layout
     if load_rng and marker.get("rng_state") and not same_layout and dist.get_rank() == 0:
         logger.warning("%s: RNG state saved at another TP/PP layout; not restored", ckpt_dir)
